@@ -1,0 +1,91 @@
+"""The model on tiny random checkpoints loaded by path: vocabulary growth, loss masking, batched
+greedy decoding, export round trip."""
+
+import numpy as np
+import pytest
+import torch
+
+from training.data import SpeechTextCollator
+from training.evaluation import model_inputs
+from training.layout import IGNORE, TEXT_ROW
+from training.model import build_model, load_omni, save_omni, set_trainable
+
+
+@pytest.fixture()
+def tiny(tiny_checkpoints):
+    torch.manual_seed(0)
+    return build_model(*tiny_checkpoints, frame_stack=4)
+
+
+def _batch(model, tokenizer, feature_extractor, texts=("the cat", "a dog ran on the mat"), seconds=(2.0, 1.2)):
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(int(16000 * s)).astype("float32") for s in seconds]
+    feats = feature_extractor(waves, sampling_rate=16000, return_tensors="pt", padding="max_length").input_features
+    states = model.encode(feats)
+    rows = []
+    for i, (text, s) in enumerate(zip(texts, seconds)):
+        n = int(s * 1000 / 20) + 1
+        rows.append({"n_frames": n, "encoder_states": states[i, :n].numpy(),
+                     "text_ids": np.array(tokenizer(text).input_ids), "text": text})
+    return SpeechTextCollator(model.layout, model.config.frame_stack)(rows)
+
+
+def test_vocabulary_grows_to_mini_omni_layout(tiny):
+    model, tokenizer, _ = tiny
+    assert model.layout.text_vocab == 320
+    assert model.llm.get_input_embeddings().weight.shape[0] == 320 + 64 + 7 * 4160
+    assert model.llm.get_output_embeddings().weight.shape[0] == model.layout.total
+    new_rows = model.llm.get_input_embeddings().weight[320:]
+    assert torch.allclose(new_rows, new_rows[:1].expand_as(new_rows))  # mean-initialised
+
+
+def test_loss_only_on_answer_positions(tiny):
+    model, tokenizer, fe = tiny
+    batch = _batch(model, tokenizer, fe)
+    out = model(**model_inputs(batch))
+    answer_tokens = sum(len(tokenizer(t).input_ids) + 1 for t in ("the cat", "a dog ran on the mat"))
+    assert out["stream_count"].tolist() == [0] * 7 + [answer_tokens]
+    assert torch.isfinite(out["loss"])
+    # changing a prompt-position label target cannot change the loss; changing an answer id does
+    labels = batch["labels"].clone()
+    assert bool((labels[:, :TEXT_ROW] == IGNORE).all())
+    batch2 = dict(batch, input_ids=batch["input_ids"].clone())
+    answer_pos = (labels[0, TEXT_ROW] != IGNORE).nonzero()[0, 0]
+    batch2["labels"] = labels.clone()
+    batch2["labels"][0, TEXT_ROW, answer_pos] = (labels[0, TEXT_ROW, answer_pos] + 1) % 300
+    assert not torch.isclose(model(**model_inputs(batch2))["loss"], out["loss"])
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    model, tokenizer, fe = tiny
+    batch = _batch(model, tokenizer, fe)
+    together = model.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens=6)
+    for i in range(2):
+        n = int(batch["encoder_lengths"][i])
+        alone = model.greedy_asr(batch["encoder_states"][i : i + 1, :n], batch["encoder_lengths"][i : i + 1], 6)
+        assert together[i][: len(alone[0])] == alone[0]
+        if alone[0][-1] == model.layout.eot:  # finished rows only pad with eot afterwards
+            assert set(together[i][len(alone[0]):]) <= {model.layout.eot}
+
+
+def test_export_reloads_by_path_with_same_loss(tiny, tmp_path):
+    model, tokenizer, fe = tiny
+    set_trainable(model, ["adapter", "llm"])
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.add_(0.01)
+    batch = _batch(model, tokenizer, fe)
+    expected = model(**model_inputs(batch))["loss"]
+    save_omni(model, tmp_path / "export", tokenizer, fe)
+    again, tokenizer2, _ = load_omni(tmp_path / "export")
+    assert torch.equal(again(**model_inputs(batch))["loss"], expected)
+    assert tokenizer2("the cat").input_ids == tokenizer("the cat").input_ids
+
+
+def test_set_trainable_freezes_encoder_always(tiny):
+    model, _, _ = tiny
+    for modules in (["adapter"], ["llm"], ["adapter", "llm"]):
+        set_trainable(model, modules)
+        assert not any(p.requires_grad for p in model.encoder.parameters())
+        assert all(p.requires_grad == ("adapter" in modules) for p in model.adapter.parameters())
+        assert all(p.requires_grad == ("llm" in modules) for p in model.llm.parameters())

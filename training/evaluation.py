@@ -1,0 +1,75 @@
+"""Stage-boundary evaluation: greedy ASR decoding, Whisper-normalized WER, held-out loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import evaluate
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from training.layout import strip_text_answer
+
+WER_METRIC_DIR = Path(__file__).parent / "metrics" / "wer"
+_normalizer = EnglishTextNormalizer()
+
+
+def normalize(text: str) -> str:
+    """Whisper's English normalizer (case, punctuation, spelling variants, numbers)."""
+    return _normalizer(text)
+
+
+def load_wer_metric() -> evaluate.EvaluationModule:
+    """Our local metric module: loads offline, no hub script."""
+    return evaluate.load(str(WER_METRIC_DIR))
+
+
+@torch.no_grad()
+def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """Greedy transcripts and their references, gathered across processes, each utterance once."""
+    unwrapped = accelerator.unwrap_model(model)
+    predictions, references = [], []
+    for batch in loader:
+        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens)
+        texts = [tokenizer.decode(strip_text_answer(unwrapped.layout, row)) for row in ids]
+        predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
+        references += accelerator.gather_for_metrics(batch["texts"], use_gather_object=True)
+    return predictions, references
+
+
+def word_error_rate(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """WER after Whisper normalization of both sides."""
+    preds = [normalize(p) for p in predictions]
+    refs = [normalize(r) for r in references]
+    scores = load_wer_metric().compute(predictions=preds, references=refs)
+    return {"wer": float(scores["wer"]), "utterances": len(refs), "words": int(scores["words"])}
+
+
+def evaluate_wer(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int,
+                 ) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    model.eval()
+    predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens)
+    model.train()
+    return word_error_rate(predictions, references), list(zip(references, predictions))
+
+
+@torch.no_grad()
+def heldout_loss(accelerator: Accelerator, model, loader: DataLoader) -> float:
+    """Token-weighted text loss over the whole split (the early-stop signal)."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in loader:
+        out = model(**model_inputs(batch))
+        total += torch.stack([out["stream_loss_sum"].sum(), out["stream_count"].sum()])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1])
+
+
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "audio_mask", "encoder_states", "encoder_lengths")
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_KEYS}

@@ -1,0 +1,426 @@
+"""One stage under Accelerate: set up, train (with resume and signals), export, evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from training import data as data_lib
+from training.checkpoint import TRAINER_STATE, StageCheckpoints, atomic_dir, read_json, write_json_atomic
+from training.evaluation import evaluate_wer, heldout_loss, model_inputs
+from training.model import OmniModel, build_model, is_omni_export, load_omni, parameter_summary, save_omni, set_trainable
+from training.stages import STAGE_NAMES, Recipe, StageSpec, lr_at
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
+RECORD = "run_record.json"
+
+
+class StageOrderError(RuntimeError):
+    """A stage was asked for whose starting weights do not exist."""
+
+
+class Preempted(RuntimeError):
+    """Stopped on SIGTERM/SIGUSR1/SIGINT after saving a checkpoint."""
+
+
+class WerGateFailed(RuntimeError):
+    """Held-out WER above the stage's gate: a multi-stage run stops here (checkpoints kept)."""
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    output_dir: Path
+    cache_dir: Path
+    accelerator: Accelerator
+    init_from: Path | None = None
+    max_steps: int | None = None  # overrides every stage's max (and caps its min)
+    resume: str = "auto"  # "auto": continue from the latest checkpoint; "never": refuse a used dir
+    splits: dict[str, Any] = field(default_factory=dict)
+    pretrained: tuple[str, str] | None = None  # (encoder, llm) paths or hub ids
+
+    def log(self, message: str) -> None:
+        self.accelerator.print(message, flush=True)
+
+    def record(self) -> dict[str, Any]:
+        return read_json(self.output_dir / RECORD, default={"recipe": self.recipe.name, "stages": {}})
+
+    def update_record(self, key: str, value: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            record = self.record()
+            record["stages"][key] = value
+            write_json_atomic(self.output_dir / RECORD, record)
+        self.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def load_data_and_pretrained(ctx: RunContext) -> None:
+    """The speech splits and, for the demo, the stand-in checkpoints (built once, cached)."""
+    recipe = ctx.recipe
+    with ctx.accelerator.main_process_first():
+        ctx.splits = data_lib.load_speech_splits(recipe.data, ctx.cache_dir, recipe.corpus_scale, log=ctx.log)
+        if recipe.encoder is None:
+            from training.standins import StandinConfig, build_standins
+
+            config = StandinConfig() if recipe.standin_scale == "full" else StandinConfig.quick()
+            ctx.pretrained = tuple(str(p) for p in build_standins(ctx.splits[recipe.data.train_split], ctx.cache_dir, config, log=ctx.log))
+        elif ctx.pretrained is None:
+            ctx.pretrained = (recipe.encoder, recipe.llm)
+
+
+def stage_dir(ctx: RunContext, stage: str) -> Path:
+    return ctx.output_dir / stage
+
+
+def initial_weights(ctx: RunContext, stage: str) -> str:
+    """Where a stage starts: --init-from, else the previous stage's export, else (asr) pretrained."""
+    if ctx.init_from is not None:
+        if not is_omni_export(ctx.init_from):
+            raise StageOrderError(f"--init-from {ctx.init_from}: not a stage export (no omni_config.json)")
+        return str(ctx.init_from)
+    index = STAGE_NAMES.index(stage)
+    if index == 0:
+        return "pretrained"
+    previous = STAGE_NAMES[index - 1]
+    final = stage_dir(ctx, previous) / "final"
+    if is_omni_export(final):
+        return str(final)
+    raise StageOrderError(
+        f"stage '{stage}' starts from stage '{previous}''s final checkpoint, but there is none at {final}. "
+        f"Run --stage {previous} (or --stage all) first, or pass --init-from PATH to a stage export."
+    )
+
+
+def make_model(ctx: RunContext, source: str):
+    if source == "pretrained":
+        encoder, llm = ctx.pretrained
+        return build_model(encoder, llm, ctx.recipe.frame_stack, ctx.recipe.adapter_hidden)
+    return load_omni(source)
+
+
+def encoder_key(model: OmniModel) -> str:
+    """Identity of the frozen encoder's weights, for the feature cache."""
+    h = hashlib.sha256(model.config.encoder.encode())
+    for name, tensor in sorted(model.encoder.state_dict().items()):
+        h.update(f"{name}{tuple(tensor.shape)}{float(tensor.double().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
+    key = encoder_key(model)
+    name = ctx.recipe.data.dataset or data_lib.EMBEDDED
+    out = {}
+    with ctx.accelerator.main_process_first():
+        for split, ds in ctx.splits.items():
+            out[split] = data_lib.prepare_split(
+                ds, f"dataset '{name}', split '{split}'", ctx.recipe.data, feature_extractor, tokenizer,
+                encode=model.encode, encoder_key=key, n_mel_frames=model.n_mel_frames, cache_dir=ctx.cache_dir / "features",
+            )
+    return out
+
+
+def optimizer_groups(model: OmniModel, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; no decay on norms, biases and embeddings; no empty groups."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = "embed_tokens" in name or "lm_head" in name
+        (no_decay if param.ndim < 2 or is_embedding else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1 (and a first SIGINT) ask the loop to checkpoint and exit after this step;
+    a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
+    """The fields a resumed stage must share with the run that wrote the checkpoint."""
+    fields = recipe.to_dict()
+    fields.pop("stages")
+    fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))
+    return fields
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def effective_spec(ctx: RunContext, stage: str) -> StageSpec:
+    spec = ctx.recipe.stage(stage)
+    if ctx.max_steps is not None:
+        spec = dataclasses.replace(spec, max_steps=ctx.max_steps, min_steps=min(spec.min_steps, ctx.max_steps),
+                                   warmup_steps=min(spec.warmup_steps, ctx.max_steps - 1))
+    return spec
+
+
+class StageRun:
+    """One stage, torchtune-style: ``setup()`` builds everything and resumes, ``train()`` runs the
+    loop, ``finish()`` exports, evaluates and records. ``run()`` does all three."""
+
+    def __init__(self, ctx: RunContext, stage: str) -> None:
+        self.ctx = ctx
+        self.stage = stage
+        self.spec = effective_spec(ctx, stage)
+        self.dir = stage_dir(ctx, stage)
+        self.checkpoints = StageCheckpoints(self.dir, ctx.recipe.keep_last)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.stop_reason = "max_steps"
+
+    def log(self, message: str) -> None:
+        self.ctx.log(f"[{self.stage}] {message}")
+
+    def completed(self) -> dict[str, Any] | None:
+        done = self.ctx.record()["stages"].get(self.stage)
+        return done if done and done.get("complete") and is_omni_export(self.dir / "final") else None
+
+    def run(self) -> dict[str, Any]:
+        done = self.completed()
+        if done:
+            self.log(f"already complete (export at {self.dir / 'final'}); skipping")
+            return done
+        self.setup()
+        self.train()
+        return self.finish()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ctx, recipe, spec, acc = self.ctx, self.ctx.recipe, self.spec, self.ctx.accelerator
+        self.started = time.time()
+        self.source = initial_weights(ctx, self.stage)
+        set_seed(recipe.seed)
+        model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
+        set_trainable(model, spec.trainable)
+        for module, (total, trainable) in parameter_summary(model).items():
+            self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
+        prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
+        layout, k = model.layout, recipe.frame_stack
+        train_dl = data_lib.train_loader(prepared[recipe.data.train_split], layout, k, recipe.batch_size, recipe.seed,
+                                         recipe.num_workers)
+        eval_names = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])
+        eval_dls = {s: data_lib.eval_loader(prepared[s], layout, k, recipe.eval_batch_size) for s in eval_names}
+        self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
+
+        optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0), betas=recipe.adam_betas)
+        self.model, self.optimizer, self.train_dl = acc.prepare(model, optimizer, train_dl)
+        self.eval_dls = {s: acc.prepare(dl) for s, dl in eval_dls.items()}
+
+        if self.source == "pretrained" and "before" not in ctx.record()["stages"]:
+            self.log("evaluating the untrained pipeline")
+            ctx.update_record("before", {"complete": True, "heldout_loss": self.heldout_loss(),
+                                         "wer": self.evaluate_wer()})
+
+        self.fingerprint = recipe_fingerprint(recipe, spec)
+        self.state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": math.inf, "evals_since_best": 0,
+                      "seconds": 0.0, "losses": [], "recipe": self.fingerprint}
+        self.resume()
+
+    def resume(self) -> None:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return
+        if self.ctx.resume == "never":
+            raise StageOrderError(f"[{self.stage}] {self.dir} already holds checkpoints and --resume never was given; "
+                                  f"use a new --output-dir or --resume auto")
+        saved = read_json(latest / TRAINER_STATE)
+        diffs = changed_fields(saved["recipe"], self.fingerprint)
+        if diffs:
+            raise StageOrderError(f"[{self.stage}] refusing to resume from {latest}: the recipe changed:\n  " + "\n  ".join(diffs))
+        self.state = self.checkpoints.load(self.ctx.accelerator, latest)
+        self.log(f"resumed from {latest} at step {self.state['step']}")
+
+    # -- train ---------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.state["seconds"] + time.time() - self.started
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.ctx.accelerator, self.state["step"], {**self.state, "seconds": self.elapsed()})
+
+    def next_batch(self) -> dict[str, Any]:
+        batch = next(self.batches, None)
+        if batch is None:  # epoch boundary: a fresh length-grouped order
+            self.state["epoch"] += 1
+            self.state["batches_in_epoch"] = 0
+            self.train_dl.set_epoch(self.state["epoch"])
+            self.batches = iter(self.train_dl)
+            batch = next(self.batches)
+        self.state["batches_in_epoch"] += 1
+        return batch
+
+    def train(self) -> None:
+        ctx, recipe, spec, acc, state = self.ctx, self.ctx.recipe, self.spec, self.ctx.accelerator, self.state
+        model, optimizer = self.model, self.optimizer
+        if acc.is_main_process:  # drop log lines past the step we resumed at
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+            self.metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= state["step"]))
+        self.log(f"training steps {state['step']}..{spec.max_steps} (min {spec.min_steps}), "
+                 f"LR {spec.lr_init:g} -> {spec.lr_peak:g}, trains {'+'.join(spec.trainable)}")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.train_dl.set_epoch(state["epoch"])
+        skip = state["batches_in_epoch"]
+        self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+        window: list[float] = []
+        clock = time.time()
+        with StopSignals() as signals:
+            while state["step"] < spec.max_steps:
+                lr = lr_at(spec, state["step"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro_losses = []
+                for _ in range(recipe.grad_accum):
+                    batch = self.next_batch()
+                    with acc.accumulate(model):
+                        out = model(**model_inputs(batch))
+                        acc.backward(out["loss"])
+                        if acc.sync_gradients and recipe.max_grad_norm > 0:
+                            acc.clip_grad_norm_(trainable, recipe.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    micro_losses.append(out["loss"].detach())
+                loss = float(acc.reduce(torch.stack(micro_losses).mean(), reduction="mean"))
+                state["step"] += 1
+                state["losses"].append(loss)
+                window.append(loss)
+                if acc.is_main_process:
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps({"step": state["step"], "loss": loss, "lr": lr}) + "\n")
+                if state["step"] % recipe.log_every == 0 or state["step"] == spec.max_steps:
+                    rate = len(window) / (time.time() - clock)
+                    self.log(f"step {state['step']:>6}/{spec.max_steps}  loss {sum(window) / len(window):.4f}  "
+                             f"lr {lr:.2e}  {rate:.1f} steps/s")
+                    window, clock = [], time.time()
+                if state["step"] % spec.eval_every == 0 and self.early_stopping():
+                    break
+                if state["step"] % recipe.save_every == 0:
+                    self.save_checkpoint()
+                if signals.requested:
+                    self.save_checkpoint()
+                    self.log(f"{signals.requested}: checkpoint saved at step {state['step']}; "
+                             f"exiting with {REQUEUE_EXIT_CODE} (rerun the same command to resume)")
+                    raise Preempted(signals.requested)
+        self.log(f"stopped at step {state['step']} ({self.stop_reason})")
+
+    def early_stopping(self) -> bool:
+        """Evaluate the early-stop split; True once it has been flat for `patience` evals past min_steps."""
+        state, spec = self.state, self.spec
+        loss = self.heldout_loss(self.early_stop_split)
+        improved = loss < state["best_eval"] - 1e-4
+        state["best_eval"] = min(state["best_eval"], loss)
+        state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
+        self.log(f"step {state['step']}: {self.early_stop_split} loss {loss:.4f} (best {state['best_eval']:.4f})")
+        if state["step"] >= spec.min_steps and state["evals_since_best"] >= spec.early_stop_patience:
+            self.stop_reason = f"early stop: {self.early_stop_split} loss flat for {spec.early_stop_patience} evals"
+            return True
+        return False
+
+    # -- evaluation and export -----------------------------------------------------------------
+
+    def heldout_loss(self, split: str | None = None) -> float:
+        return heldout_loss(self.ctx.accelerator, self.model, self.eval_dls[split or self.ctx.recipe.data.heldout_split])
+
+    def evaluate_wer(self) -> dict[str, Any]:
+        out = {}
+        for split, loader in self.eval_dls.items():
+            scores, pairs = evaluate_wer(self.ctx.accelerator, self.model, loader, self.tokenizer, self.ctx.recipe.max_new_tokens)
+            out[split] = scores
+            for ref, hyp in pairs[:2]:
+                self.log(f"[{split}] ref: {ref}")
+                self.log(f"[{split}] hyp: {hyp}")
+        return out
+
+    def export(self) -> Path:
+        """Stage-final weights in Hugging Face form, written atomically."""
+        acc = self.ctx.accelerator
+        final_dir = self.dir / "final"
+        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
+        if acc.is_main_process:
+            llm_state = {k.removeprefix("llm."): v for k, v in state_dict.items() if k.startswith("llm.")}
+            with atomic_dir(final_dir) as tmp:
+                save_omni(acc.unwrap_model(self.model), tmp, self.tokenizer, self.feature_extractor, llm_state=llm_state)
+        acc.wait_for_everyone()
+        return final_dir
+
+    def finish(self) -> dict[str, Any]:
+        """Export first (a crash in evaluation must not lose the weights), then WER, record, gate."""
+        recipe, spec = self.ctx.recipe, self.spec
+        final_dir = self.export()
+        self.save_checkpoint()
+        tail = self.state["losses"][-recipe.log_every:]
+        wer = self.evaluate_wer()
+        result = {
+            "complete": True, "steps": self.state["step"], "stop_reason": self.stop_reason,
+            "final_train_loss": sum(tail) / max(1, len(tail)), "heldout_loss": self.heldout_loss(), "wer": wer,
+            "seconds": round(self.elapsed(), 1), "export": str(final_dir),
+        }
+        self.ctx.update_record(self.stage, result)
+        self.log("done: " + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items()))
+        heldout = wer[recipe.data.heldout_split]["wer"]
+        if spec.max_wer is not None and heldout > spec.max_wer:
+            raise WerGateFailed(
+                f"[{self.stage}] {recipe.data.heldout_split} WER {heldout:.3f} is above the stage's gate {spec.max_wer:.3f}; "
+                f"stopping here (the checkpoint and export in {self.dir} are kept)"
+            )
+        return result
+
+
+def run_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
+    return StageRun(ctx, stage).run()
+
+
+def format_wer_table(record: dict[str, Any], splits: list[str]) -> str:
+    rows = [f"{'after':<8}" + "".join(f"{s + ' WER':>14}" for s in splits) + f"{'steps':>8}{'seconds':>9}"]
+    for key in ("before", *STAGE_NAMES):
+        entry = record["stages"].get(key)
+        if not entry:
+            continue
+        cells = "".join(f"{entry['wer'][s]['wer'] * 100:>13.1f}%" if s in entry["wer"] else f"{'-':>14}" for s in splits)
+        rows.append(f"{key:<8}{cells}{entry.get('steps', 0):>8}{entry.get('seconds', 0):>9.0f}")
+    return "\n".join(rows)

@@ -1,0 +1,269 @@
+"""Whisper encoder + gated-MLP adapter + Qwen2 LLM with Mini-Omni's 8-stream vocabulary.
+
+The pretrained parts load by local path or hub id through transformers, the same way for the
+real checkpoints (openai/whisper-small, Qwen/Qwen2-0.5B) and for the demo's tiny stand-ins.
+A stage-final export (``save_omni``) reloads with ``load_omni``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2ForCausalLM, WhisperFeatureExtractor, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from training.layout import (IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout, asr_prompt, n_adapter_frames,
+                             pad_token_column)
+
+OMNI_CONFIG = "omni_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+
+
+class GatedAdapter(nn.Module):
+    """SwiGLU-style MLP from (stacked) encoder frames to the LLM width."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(in_dim, hidden, bias=False)
+        self.up = nn.Linear(in_dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@dataclass(frozen=True)
+class OmniConfig:
+    """What a stage-final export needs to rebuild the whole model."""
+
+    encoder: str  # path or hub id of the (frozen, never modified) Whisper checkpoint
+    text_vocab: int  # the LLM's text vocabulary before Mini-Omni's growth
+    frame_stack: int
+    adapter_in: int
+    adapter_hidden: int
+    adapter_out: int
+
+
+class OmniModel(nn.Module):
+    def __init__(self, encoder: WhisperEncoder, llm: Qwen2ForCausalLM, config: OmniConfig) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.llm = llm
+        self.config = config
+        self.layout = VocabLayout(text_vocab=config.text_vocab)
+        self.adapter = GatedAdapter(config.adapter_in, config.adapter_hidden, config.adapter_out)
+        self.encoder.requires_grad_(False)
+
+    # -- speech side -------------------------------------------------------------------------
+
+    @property
+    def n_mel_frames(self) -> int:
+        """Mel frames the encoder expects (it only accepts full windows)."""
+        return 2 * self.encoder.config.max_source_positions
+
+    @torch.no_grad()
+    def encode(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder states [B, max_source_positions, d]; callers cut each row to its length."""
+        self.encoder.eval()
+        return self.encoder(input_features=input_features).last_hidden_state
+
+    def _adapter_frames(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Stack frame_stack frames per adapter input, run the adapter; return valid frames [N, d]."""
+        k = self.config.frame_stack
+        b, f, d = states.shape
+        pad = (-f) % k
+        if pad:
+            states = F.pad(states, (0, 0, 0, pad))
+        stacked = states.reshape(b, (f + pad) // k, d * k)
+        adapter_param = next(self.adapter.parameters())
+        out = self.adapter(stacked.to(adapter_param.dtype))
+        n_valid = torch.div(lengths + k - 1, k, rounding_mode="floor")  # n_adapter_frames, batched
+        valid = torch.arange(out.shape[1], device=out.device)[None, :] < n_valid[:, None]
+        return out[valid]
+
+    def embed(self, input_ids: torch.Tensor, audio_mask: torch.Tensor, encoder_states: torch.Tensor | None,
+              encoder_lengths: torch.Tensor | None) -> torch.Tensor:
+        """Mean of the 8 streams' embeddings; at speech positions the adapter output stands in for
+        every audio stream (the text stream keeps its pad_t)."""
+        tokens = self.llm.get_input_embeddings()(input_ids)  # [B, 8, T, d]
+        x = tokens.mean(dim=1)
+        if encoder_states is not None and bool(audio_mask.any()):
+            frames = self._adapter_frames(encoder_states, encoder_lengths)
+            if frames.shape[0] != int(audio_mask.sum()):
+                raise ValueError(f"{frames.shape[0]} adapter frames for {int(audio_mask.sum())} speech positions")
+            speech = (N_AUDIO_LAYERS * frames.to(x.dtype) + tokens[:, TEXT_ROW][audio_mask]) / (N_AUDIO_LAYERS + 1)
+            x = x.clone()
+            x[audio_mask] = speech
+        return x
+
+    # -- training ----------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                audio_mask: torch.Tensor, encoder_states: torch.Tensor | None = None,
+                encoder_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss = mean over streams (that have labels) of each stream's token-mean CE.
+
+        Logits are computed only at labelled positions: the other ~90 % of a speech batch never
+        needs the 181k-wide output projection.
+        """
+        x = self.embed(input_ids, audio_mask, encoder_states, encoder_lengths)
+        hidden = self.llm.model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, :, 1:].permute(0, 2, 1)  # [B, T-1, 8]: position t predicts t+1
+        scored = (targets != IGNORE).any(dim=-1)
+        logits = self.llm.lm_head(hidden[:, :-1][scored]).float()  # [N, V]
+        targets = targets[scored]  # [N, 8]
+        sums = logits.new_zeros(N_AUDIO_LAYERS + 1)
+        counts = logits.new_zeros(N_AUDIO_LAYERS + 1)
+        for stream, (start, end) in enumerate(self.layout.stream_slices()):
+            keep = targets[:, stream] != IGNORE
+            if bool(keep.any()):
+                sums[stream] = F.cross_entropy(logits[keep, start:end], targets[keep, stream] - start, reduction="sum")
+                counts[stream] = keep.sum()
+        present = counts > 0
+        loss = (sums[present] / counts[present]).mean() if bool(present.any()) else logits.sum() * 0.0
+        return {"loss": loss, "stream_loss_sum": sums.detach(), "stream_count": counts}
+
+    # -- inference ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def greedy_asr(self, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+        """Batched greedy ASR decoding with a KV cache; prompts are left-padded."""
+        layout = self.layout
+        device = encoder_states.device
+        k = self.config.frame_stack
+        n_audio = [n_adapter_frames(int(n), k) for n in encoder_lengths]
+        prompts = [asr_prompt(layout, n) for n in n_audio]
+        width = max(p.shape[1] for p in prompts)
+        batch = len(prompts)
+        input_ids = pad_token_column(layout)[None, :, None].repeat(batch, 1, width)
+        attention = torch.zeros(batch, width, dtype=torch.long)
+        audio_mask = torch.zeros(batch, width, dtype=torch.bool)
+        for row, (prompt, n) in enumerate(zip(prompts, n_audio)):
+            offset = width - prompt.shape[1]
+            input_ids[row, :, offset:] = prompt
+            attention[row, offset:] = 1
+            audio_mask[row, offset + 1 : offset + 1 + n] = True
+        input_ids, attention, audio_mask = input_ids.to(device), attention.to(device), audio_mask.to(device)
+        x = self.embed(input_ids, audio_mask, encoder_states, encoder_lengths)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm.model(inputs_embeds=x, attention_mask=attention, position_ids=positions, use_cache=True)
+        cache = out.cache
+        last = out.last_hidden_state[:, -1]
+        filler = pad_token_column(layout).to(device)
+        generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = self.llm.lm_head(last)[:, : layout.text_size]
+            token = logits.argmax(-1)
+            token = torch.where(done, torch.full_like(token, layout.eot), token)
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            done |= token == layout.eot
+            if bool(done.all()):
+                break
+            column = filler[None, :].repeat(batch, 1)
+            column[:, TEXT_ROW] = token
+            step_x = self.llm.get_input_embeddings()(column).mean(dim=1)[:, None]
+            attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.llm.model(inputs_embeds=step_x, attention_mask=attention, position_ids=positions,
+                                 cache=cache, use_cache=True)
+            cache = out.cache
+            last = out.last_hidden_state[:, -1]
+        return generated.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load_encoder(path: str) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
+    """A Whisper encoder and its feature extractor from a checkpoint folder or hub id."""
+    whisper = WhisperModel.from_pretrained(path)
+    encoder = whisper.get_encoder()
+    del whisper.decoder
+    return encoder, WhisperFeatureExtractor.from_pretrained(path)
+
+
+def grow_vocabulary(llm: Qwen2ForCausalLM, layout: VocabLayout) -> None:
+    """Grow the LLM's embedding and output rows to Mini-Omni's vocabulary. New rows start at the
+    mean of the pretrained rows: a neutral point that keeps the first steps' logits sane."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if old == layout.total:
+        return
+    if old != layout.text_vocab:
+        raise ValueError(f"LLM has {old} embedding rows; expected {layout.text_vocab} (text) or {layout.total} (grown)")
+    llm.resize_token_embeddings(layout.total, mean_resizing=False)
+    with torch.no_grad():
+        for weight in {id(w): w for w in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight)}.values():
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+
+
+def build_model(encoder_path: str, llm_path: str, frame_stack: int, adapter_hidden: int | None = None,
+                ) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+    """The untrained pipeline: pretrained encoder and LLM (grown vocab), fresh adapter."""
+    encoder, feature_extractor = load_encoder(encoder_path)
+    llm = Qwen2ForCausalLM.from_pretrained(llm_path)
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    text_vocab = llm.config.vocab_size
+    layout = VocabLayout(text_vocab=text_vocab)
+    grow_vocabulary(llm, layout)
+    width = llm.config.hidden_size
+    config = OmniConfig(
+        encoder=str(encoder_path), text_vocab=text_vocab, frame_stack=frame_stack,
+        adapter_in=encoder.config.d_model * frame_stack, adapter_hidden=adapter_hidden or 4 * width, adapter_out=width,
+    )
+    return OmniModel(encoder, llm, config), tokenizer, feature_extractor
+
+
+def save_omni(model: OmniModel, path: Path, tokenizer: PreTrainedTokenizerBase,
+              feature_extractor: WhisperFeatureExtractor, llm_state: dict | None = None) -> None:
+    """Hugging Face-style export: llm/ (grown vocab) + tokenizer, adapter weights, the encoder's
+    reference and feature extractor, and omni_config.json describing the whole model."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.llm.save_pretrained(path / "llm", state_dict=llm_state)
+    tokenizer.save_pretrained(path / "llm")
+    feature_extractor.save_pretrained(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.adapter.state_dict().items()}, path / ADAPTER_WEIGHTS)
+    (path / OMNI_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
+
+
+def is_omni_export(path: str | Path) -> bool:
+    return (Path(path) / OMNI_CONFIG).is_file()
+
+
+def load_omni(path: str | Path) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+    """Reload a stage-final export (model, tokenizer, feature extractor)."""
+    path = Path(path)
+    if not is_omni_export(path):
+        raise FileNotFoundError(f"{path}: not a stage export (no {OMNI_CONFIG})")
+    config = OmniConfig(**json.loads((path / OMNI_CONFIG).read_text()))
+    encoder, _ = load_encoder(config.encoder)
+    llm = Qwen2ForCausalLM.from_pretrained(path / "llm")
+    model = OmniModel(encoder, llm, config)
+    model.adapter.load_state_dict(load_file(path / ADAPTER_WEIGHTS))
+    return model, AutoTokenizer.from_pretrained(path / "llm"), WhisperFeatureExtractor.from_pretrained(path)
+
+
+def set_trainable(model: OmniModel, modules: Iterable[str]) -> None:
+    """requires_grad per module; the encoder is frozen in every stage."""
+    modules = set(modules)
+    model.encoder.requires_grad_(False)
+    model.adapter.requires_grad_("adapter" in modules)
+    model.llm.requires_grad_("llm" in modules)
+
+
+def parameter_summary(model: OmniModel) -> dict[str, tuple[int, int]]:
+    """module -> (total, trainable) parameter counts."""
+    out = {}
+    for name in ("encoder", "adapter", "llm"):
+        params = list(getattr(model, name).parameters())
+        out[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+    return out
+

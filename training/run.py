@@ -1,0 +1,109 @@
+"""Train Mini-Omni's three stages: `accelerate launch training/run.py --stage all`.
+
+Exit codes: 0 done; 2 bad input or stage order; 3 a WER gate stopped the run;
+75 stopped on a signal with a checkpoint saved (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch training/run.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.stages import RECIPES, STAGE_NAMES, RecipeError, format_stage_table, load_recipe  # noqa: E402
+
+DEFAULT_CACHE = Path(os.environ.get("OMNI_STAGE_CACHE", Path.home() / ".cache" / "omni-stage"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    tables = "\n\n".join(f"recipe '{name}':\n{format_stage_table(r)}" for name, r in RECIPES.items())
+    parser = argparse.ArgumentParser(
+        description="Mini-Omni three-stage training (Whisper encoder + adapter + Qwen2) under Accelerate.",
+        epilog=f"stage table (steps: min-max; the LR schedule spans max):\n\n{tables}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--stage", required=True, choices=[*STAGE_NAMES, "all"], help="stage to run, or all three in order")
+    parser.add_argument("--recipe", default="demo", help=f"built-in recipe {sorted(RECIPES)} or a JSON recipe file")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, exports, record)")
+    parser.add_argument("--init-from", type=Path, help="start the (first) stage from this stage export instead")
+    parser.add_argument("--encoder", help="Whisper checkpoint (path or hub id); overrides the recipe")
+    parser.add_argument("--llm", help="Qwen2 checkpoint (path or hub id); overrides the recipe")
+    parser.add_argument("--dataset", help="datasets source: save_to_disk folder, audiofolder or hub id")
+    parser.add_argument("--audio-column", help="audio column name (default: audio)")
+    parser.add_argument("--text-column", help="transcript column name (default: text)")
+    parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps")
+    parser.add_argument("--resume", choices=["auto", "never"], default="auto",
+                        help="auto: continue from the latest checkpoint; never: refuse a run dir that has one")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus, stand-ins and feature cache")
+    args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be >= 1")
+    if (args.encoder is None) != (args.llm is None):
+        parser.error("--encoder and --llm go together")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe)
+        data_changes = {k: v for k, v in (("dataset", args.dataset), ("audio_column", args.audio_column),
+                                          ("text_column", args.text_column)) if v is not None}
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))
+        if args.encoder:
+            recipe = dataclasses.replace(recipe, encoder=args.encoder, llm=args.llm)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # Heavy imports only once the arguments are known to be good.
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from training.data import DataError
+    from training.loop import (REQUEUE_EXIT_CODE, Preempted, RunContext, StageOrderError, WerGateFailed,
+                               format_wer_table, initial_weights, load_data_and_pretrained, run_stage)
+
+    # gloo: DeepSpeed and DDP on CPU need it (NCCL is picked automatically on GPUs).
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if not _has_gpu() else [])
+    ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
+                     init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
+    stages = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
+    ctx.log(f"recipe '{recipe.name}', stages {stages}, output {args.output_dir}\n{format_stage_table(recipe)}")
+    code = 0
+    try:
+        initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from
+        load_data_and_pretrained(ctx)
+        for i, stage in enumerate(stages):
+            if i > 0:
+                ctx.init_from = None  # later stages chain from the previous export
+            run_stage(ctx, stage)
+    except (StageOrderError, DataError, RecipeError) as err:
+        ctx.log(f"error: {err}")
+        code = 2
+    except WerGateFailed as err:
+        ctx.log(f"stopped: {err}")
+        code = 3
+    except Preempted:
+        code = REQUEUE_EXIT_CODE
+    splits = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])
+    if ctx.record()["stages"]:
+        ctx.log("\nWER per stage boundary\n" + format_wer_table(ctx.record(), splits))
+    accelerator.end_training()
+    return code
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

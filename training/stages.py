@@ -1,0 +1,332 @@
+"""The stage table and recipes: the one source of truth for every training number.
+
+This module imports nothing of the project, so the table can be read (``run.py --help``,
+tests, docs) without building a model.
+
+The seed numbers (steps, initial and peak LR) are Mini-Omni's published recipe:
+
+    stage   steps            initial LR   peak LR
+    asr     10,000-20,000    4e-6         1e-3
+    second  20,000-30,000    4e-6         4e-4
+    final   50,000-60,000    4e-6         4e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+STAGE_NAMES: tuple[str, ...] = ("asr", "second", "final")
+MODULES: tuple[str, ...] = ("encoder", "adapter", "llm")
+TASKS: tuple[str, ...] = ("asr", "a1t2", "t1t2", "a1a2", "t1a2")
+
+
+class RecipeError(ValueError):
+    """A recipe (built-in or from a file) is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of the stage table."""
+
+    name: str
+    description: str
+    min_steps: int  # a stage always trains at least this many optimizer steps
+    max_steps: int  # ... and at most this many; the LR schedule spans max_steps
+    lr_init: float  # LR at step 0; warm-up rises linearly from here to lr_peak
+    lr_peak: float
+    warmup_steps: int
+    lr_floor: float  # cosine decay ends here at max_steps
+    trainable: tuple[str, ...]  # modules whose weights this stage updates
+    task_mix: Mapping[str, float]  # task -> sampling weight
+    eval_every: int  # held-out loss every N steps (early-stop signal)
+    early_stop_patience: int  # evals without improvement before stopping (after min_steps)
+    max_wer: float | None  # held-out WER gate at the stage boundary; None = no gate
+
+    def validate(self) -> None:
+        where = f"stage '{self.name}'"
+        if self.name not in STAGE_NAMES:
+            raise RecipeError(f"{where}: name must be one of {STAGE_NAMES}")
+        if not 0 < self.min_steps <= self.max_steps:
+            raise RecipeError(f"{where}: need 0 < min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise RecipeError(f"{where}: warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+        if not 0 < self.lr_init <= self.lr_peak or not 0 < self.lr_floor <= self.lr_peak:
+            raise RecipeError(f"{where}: need 0 < lr_init, lr_floor <= lr_peak")
+        unknown = set(self.trainable) - set(MODULES) | ({"encoder"} & set(self.trainable))
+        if unknown or not self.trainable:
+            raise RecipeError(f"{where}: trainable must be a non-empty subset of ('adapter', 'llm'), got {self.trainable}")
+        bad_tasks = set(self.task_mix) - set(TASKS)
+        if bad_tasks or not self.task_mix or any(w < 0 for w in self.task_mix.values()) or sum(self.task_mix.values()) <= 0:
+            raise RecipeError(f"{where}: task_mix must map tasks {TASKS} to non-negative weights, got {dict(self.task_mix)}")
+        if self.eval_every <= 0 or self.early_stop_patience <= 0:
+            raise RecipeError(f"{where}: eval_every and early_stop_patience must be positive")
+
+
+def lr_at(stage: StageSpec, step: int) -> float:
+    """LR as a pure function of the optimizer step (so resuming needs only the step).
+
+    Linear warm-up from lr_init to lr_peak over warmup_steps, then cosine decay to lr_floor at
+    max_steps; constant at lr_floor afterwards.
+    """
+    if step < stage.warmup_steps:
+        return stage.lr_init + (stage.lr_peak - stage.lr_init) * step / stage.warmup_steps
+    decay_steps = stage.max_steps - stage.warmup_steps
+    progress = min(1.0, (step - stage.warmup_steps) / decay_steps)
+    return stage.lr_floor + 0.5 * (stage.lr_peak - stage.lr_floor) * (1.0 + math.cos(math.pi * progress))
+
+
+# The seed table. Warm-up, floor, eval cadence, patience, task mix and gates are ours; the
+# step ranges and learning rates are the published ones and must not change.
+SEED_STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        name="asr",
+        description="modality alignment: adapter learns to feed speech to the frozen LLM",
+        min_steps=10_000, max_steps=20_000, lr_init=4e-6, lr_peak=1e-3,
+        warmup_steps=1_000, lr_floor=4e-6,
+        trainable=("adapter",), task_mix={"asr": 1.0},
+        eval_every=1_000, early_stop_patience=3, max_wer=None,
+    ),
+    StageSpec(
+        name="second",
+        description="adaption: LLM learns to answer from speech features (ASR kept in the mix)",
+        min_steps=20_000, max_steps=30_000, lr_init=4e-6, lr_peak=4e-4,
+        warmup_steps=1_000, lr_floor=4e-6,
+        trainable=("llm",), task_mix={"asr": 1.0},
+        eval_every=1_000, early_stop_patience=3, max_wer=None,
+    ),
+    StageSpec(
+        name="final",
+        description="multimodal finetuning: adapter + LLM (encoder stays frozen)",
+        min_steps=50_000, max_steps=60_000, lr_init=4e-6, lr_peak=4e-4,
+        warmup_steps=1_000, lr_floor=4e-6,
+        trainable=("adapter", "llm"), task_mix={"asr": 1.0},
+        eval_every=2_000, early_stop_patience=3, max_wer=None,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the speech comes from. dataset=None means the embedded synthesized corpus."""
+
+    dataset: str | None = None  # local save_to_disk folder, audiofolder, or hub id
+    train_split: str = "train"
+    heldout_split: str = "heldout"  # WER gate; for the demo: voices AND sentences never trained on
+    dev_split: str | None = "dev"  # early-stop signal (None: use heldout_split)
+    audio_column: str = "audio"
+    text_column: str = "text"
+    max_eval_examples: int | None = None  # subsample eval splits (None = all)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A full training recipe: the stage table plus every other knob."""
+
+    name: str
+    stages: tuple[StageSpec, ...]
+    encoder: str | None  # path or hub id of a Whisper checkpoint; None = build demo stand-ins
+    llm: str | None  # path or hub id of a Qwen2 checkpoint; None = build demo stand-ins
+    data: DataSpec = field(default_factory=DataSpec)
+    frame_stack: int = 1  # encoder frames stacked into one adapter input (Mini-Omni uses 1)
+    adapter_hidden: int | None = None  # gated-MLP width; None = 4 x LLM hidden size
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    seed: int = 1234
+    num_workers: int = 0
+    save_every: int = 1_000  # optimizer steps between resumable checkpoints
+    keep_last: int = 2  # step checkpoints kept per stage (stage-final exports are never deleted)
+    log_every: int = 10
+    max_new_tokens: int = 64  # greedy decoding limit at evaluation
+    eval_batch_size: int = 32
+    standin_scale: str = "full"  # demo only: "full" or "quick" stand-ins (tests use quick)
+    corpus_scale: str = "full"  # demo only: "full" or "quick" corpus
+
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise RecipeError(f"unknown stage '{name}': expected one of {[s.name for s in self.stages]}")
+
+    def validate(self) -> None:
+        if tuple(s.name for s in self.stages) != STAGE_NAMES:
+            raise RecipeError(f"recipe '{self.name}': stages must be {STAGE_NAMES} in order")
+        for spec in self.stages:
+            spec.validate()
+        if self.frame_stack < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise RecipeError(f"recipe '{self.name}': frame_stack, batch_size, grad_accum must be >= 1")
+        if (self.encoder is None) != (self.llm is None):
+            raise RecipeError(f"recipe '{self.name}': give both encoder and llm, or neither (demo stand-ins)")
+        if self.standin_scale not in ("full", "quick") or self.corpus_scale not in ("full", "quick"):
+            raise RecipeError(f"recipe '{self.name}': standin_scale and corpus_scale are 'full' or 'quick'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def scale_steps(stages: tuple[StageSpec, ...], divisor: int, warmup_steps: int, eval_every: int) -> tuple[StageSpec, ...]:
+    """Divide every stage's step range by `divisor`; LRs, task mix and modules stay the seed's."""
+    return tuple(
+        replace(s, min_steps=s.min_steps // divisor, max_steps=s.max_steps // divisor,
+                warmup_steps=warmup_steps, eval_every=eval_every)
+        for s in stages
+    )
+
+
+# Mini-Omni as published: whisper-small encoder, Qwen2-0.5B, the seed table.
+MINI_OMNI = Recipe(
+    name="mini-omni",
+    stages=SEED_STAGES,
+    encoder="openai/whisper-small",
+    llm="Qwen/Qwen2-0.5B",
+    data=DataSpec(dataset=None),
+    frame_stack=1,
+    batch_size=8,
+)
+
+# The embedded CPU demo: the SAME table with every step range divided by 50 (asr 200-400,
+# second 400-600, final 1000-1200), warm-up and eval cadence shortened to fit. LRs are the
+# seed's. Tiny stand-ins and the synthesized corpus replace the pretrained parts and data;
+# 4 encoder frames are stacked per adapter input to cut sequence length on CPU.
+DEMO = Recipe(
+    name="demo",
+    stages=tuple(
+        replace(s, max_wer=gate)
+        for s, gate in zip(scale_steps(SEED_STAGES, divisor=50, warmup_steps=20, eval_every=50), (1.0, 0.8, 0.5))
+    ),
+    encoder=None,
+    llm=None,
+    frame_stack=4,
+    batch_size=32,
+    save_every=100,
+    num_workers=0,
+    max_new_tokens=32,
+    eval_batch_size=50,
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (DEMO, MINI_OMNI)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe files: JSON {"base": "demo", ...overrides...}; stage overrides under "stages": {name: {...}}
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return value converted to the annotated type, or raise RecipeError naming `where`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, where)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Mapping, typing.Mapping) or annotation is Mapping:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected an object, got {type(value).__name__} {value!r}")
+        key_t, val_t = args or (str, Any)
+        return {_check_type(k, key_t, f"{where} key"): _check_type(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation in (str, bool):
+        if not isinstance(value, annotation):
+            raise RecipeError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise RecipeError(f"{where}: unsupported field type {annotation}")
+
+
+def _override(obj: Any, overrides: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise RecipeError(f"{where}: unknown field '{key}' (known: {sorted(known)})")
+        changes[key] = _check_type(value, hints[key], f"{where}.{key}")
+    return replace(obj, **changes)
+
+
+def recipe_from_dict(raw: Mapping[str, Any], source: str = "recipe") -> Recipe:
+    """Build a recipe from a base recipe plus typed overrides; every bad field is named."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected a JSON object")
+    raw = dict(raw)
+    base_name = raw.pop("base", "demo")
+    if base_name not in RECIPES:
+        raise RecipeError(f"{source}: base '{base_name}' is not a known recipe {sorted(RECIPES)}")
+    recipe = RECIPES[base_name]
+    stage_overrides = raw.pop("stages", {})
+    data_overrides = raw.pop("data", {})
+    if not isinstance(stage_overrides, dict):
+        raise RecipeError(f"{source}.stages: expected an object mapping stage name to overrides")
+    if not isinstance(data_overrides, dict):
+        raise RecipeError(f"{source}.data: expected an object")
+    stages = list(recipe.stages)
+    for name, overrides in stage_overrides.items():
+        if name not in STAGE_NAMES:
+            raise RecipeError(f"{source}.stages: unknown stage '{name}' (expected one of {STAGE_NAMES})")
+        if not isinstance(overrides, dict):
+            raise RecipeError(f"{source}.stages.{name}: expected an object")
+        i = STAGE_NAMES.index(name)
+        stages[i] = _override(stages[i], overrides, f"{source}.stages.{name}")
+    recipe = _override(recipe, {"name": raw.pop("name", f"{base_name}+{Path(source).stem}"), **raw}, source)
+    recipe = replace(recipe, stages=tuple(stages), data=_override(recipe.data, data_overrides, f"{source}.data"))
+    recipe.validate()
+    return recipe
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a JSON recipe file."""
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise RecipeError(f"recipe '{name_or_path}': not a built-in recipe {sorted(RECIPES)} and no such file")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{path}: not valid JSON ({err})") from err
+    return recipe_from_dict(raw, source=str(path))
+
+
+def format_stage_table(recipe: Recipe) -> str:
+    rows = [f"{'stage':<7} {'steps':>15} {'LR init':>9} {'LR peak':>9} {'warm-up':>8}  trains"]
+    for s in recipe.stages:
+        rows.append(
+            f"{s.name:<7} {f'{s.min_steps:,}-{s.max_steps:,}':>15} {s.lr_init:>9.0e} {s.lr_peak:>9.0e} "
+            f"{s.warmup_steps:>8,}  {'+'.join(s.trainable)}"
+        )
+    return "\n".join(rows)
+
+
+for _recipe in RECIPES.values():
+    _recipe.validate()
