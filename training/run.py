@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.loop import (REQUEUE_EXIT_CODE, Preempted, RunContext, StageOrderError, WerGateFailed,
                                format_wer_table, initial_weights, load_data_and_pretrained, run_stage)
 
-    # gloo: DeepSpeed and DDP on CPU need it (NCCL is picked automatically on GPUs).
+    # Several CPU processes (DDP or DeepSpeed) need the gloo backend; GPUs get NCCL by default.
+    cpu_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu()
     accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if not _has_gpu() else [])
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_distributed else [])
     ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
                      init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
     stages = list(STAGE_NAMES) if args.stage == "all" else [args.stage]

@@ -1,0 +1,93 @@
+"""Bad input gets an error that names the thing that is wrong."""
+
+import io
+import json
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+
+from training.run import main
+
+
+def _wav(seconds: float = 1.0, sr: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, (0.1 * np.sin(np.arange(int(sr * seconds)) / 7)).astype("float32"), sr, format="WAV")
+    return buf.getvalue()
+
+
+def _dataset(tmp_path, rows: list[dict], name: str = "ds"):
+    """A small user dataset saved with save_to_disk, with train/heldout/dev splits."""
+    # Built as plain structs, then cast: encoding through Audio would import torchcodec (FFmpeg).
+    features = datasets.Features({"speech": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                  "sentence": datasets.Value("string")})
+
+    def build(items):
+        return datasets.Dataset.from_list(items, features=features).cast_column("speech", datasets.Audio(decode=False))
+
+    split = build(rows)
+    good = build([{"speech": {"bytes": _wav(), "path": None}, "sentence": "a cat"}] * 2)
+    path = tmp_path / name
+    datasets.DatasetDict({"train": split, "heldout": good, "dev": good}).save_to_disk(str(path))
+    return str(path)
+
+
+def _run(tmp_path, tiny_checkpoints, *extra: str) -> int:
+    enc, llm = tiny_checkpoints
+    return main(["--stage", "asr", "--encoder", enc, "--llm", llm, "--output-dir", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", *extra])
+
+
+def test_user_dataset_trains_with_named_columns(tmp_path, tiny_checkpoints, capsys):
+    rows = [{"speech": {"bytes": _wav(1.0 + i / 10), "path": None}, "sentence": "the cat sat"} for i in range(8)]
+    path = _dataset(tmp_path, rows)
+    code = _run(tmp_path, tiny_checkpoints, "--dataset", path, "--audio-column", "speech", "--text-column", "sentence",
+                "--recipe", _recipe(tmp_path, batch_size=4))
+    assert code == 0, capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "run_record.json").read_text())
+    assert record["stages"]["asr"]["steps"] == 2
+
+
+def _recipe(tmp_path, **fields) -> str:
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"base": "demo", **fields}))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_column", "split 'train': no column 'sentence'"),
+    ("empty_transcript", "split 'train', row 1, column 'sentence': empty or missing transcript"),
+    ("unreadable_audio", "split 'train', row 2, column 'speech': cannot read audio"),
+    ("too_long", "split 'train', row 0, column 'speech': audio is 6.0 s, longer than the encoder's 4 s window"),
+])
+def test_bad_rows_are_named(tmp_path, tiny_checkpoints, capsys, case, expected):
+    good = {"speech": {"bytes": _wav(), "path": None}, "sentence": "the cat"}
+    rows = [dict(good) for _ in range(4)]
+    if case == "empty_transcript":
+        rows[1]["sentence"] = "   "
+    if case == "unreadable_audio":
+        rows[2]["speech"] = {"bytes": b"not a wav file at all", "path": None}
+    if case == "too_long":
+        rows[0]["speech"] = {"bytes": _wav(6.0), "path": None}
+    path = _dataset(tmp_path, rows)
+    text_column = "transcript" if case == "missing_column" else "sentence"
+    if case == "missing_column":
+        expected = "split 'train': no column 'transcript'"
+    code = _run(tmp_path, tiny_checkpoints, "--dataset", path, "--audio-column", "speech", "--text-column", text_column)
+    out = capsys.readouterr()
+    assert code == 2
+    assert f"dataset '{path}'" in out.out and expected in out.out
+
+
+def test_unknown_stage_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--stage", "warmup"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'warmup'" in capsys.readouterr().err
+
+
+def test_recipe_value_of_wrong_type(tmp_path, capsys):
+    code = main(["--stage", "asr", "--recipe", _recipe(tmp_path, stages={"asr": {"max_steps": "many"}})])
+    assert code == 2
+    assert "stages.asr.max_steps: expected an integer, got str 'many'" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Real short runs on the synthesized corpus with the (quick) demo stand-ins."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from training.loop import RunContext, StageRun, load_data_and_pretrained
+from training.model import load_omni
+from training.run import main
+from training.stages import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUICK = {
+    "base": "demo", "name": "demo-quick", "corpus_scale": "quick", "standin_scale": "quick",
+    "batch_size": 16, "save_every": 20, "log_every": 10, "eval_batch_size": 40,
+    "stages": {
+        "asr": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20},
+        "second": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20},
+        "final": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def quick_recipe(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("recipe") / "quick.json"
+    path.write_text(json.dumps(QUICK))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def three_stages(quick_recipe, cache_dir, tmp_path_factory) -> Path:
+    """`--stage all` once for the session; tests read its run directory."""
+    out = tmp_path_factory.mktemp("run-all")
+    code = main(["--stage", "all", "--recipe", quick_recipe, "--output-dir", str(out), "--cache-dir", str(cache_dir)])
+    assert code == 0
+    return out
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def test_all_stages_record_and_lower_heldout_loss(three_stages):
+    record = json.loads((three_stages / "run_record.json").read_text())
+    stages = record["stages"]
+    assert list(stages) == ["before", "asr", "second", "final"]
+    for name in ("asr", "second", "final"):
+        entry = stages[name]
+        assert entry["complete"] and 30 <= entry["steps"] <= 40 and entry["seconds"] > 0
+        assert set(entry["wer"]) == {"heldout", "dev"}
+        assert entry["wer"]["heldout"]["utterances"] == 40
+    # each stage lowers held-out loss against the untrained pipeline, and training continues to help
+    assert stages["asr"]["heldout_loss"] < stages["before"]["heldout_loss"]
+    assert stages["final"]["heldout_loss"] < stages["asr"]["heldout_loss"]
+    assert stages["final"]["wer"]["heldout"]["wer"] < stages["before"]["wer"]["heldout"]["wer"]
+    losses = [json.loads(l)["loss"] for l in (three_stages / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == stages["final"]["steps"]
+
+
+def test_stages_train_only_their_modules(three_stages):
+    asr, second, final = (three_stages / s / "final" for s in ("asr", "second", "final"))
+    llm = lambda p: _state(p / "llm" / "model.safetensors")  # noqa: E731
+    adapter = lambda p: _state(p / "adapter.safetensors")  # noqa: E731
+    # asr trains the adapter only: the LLM equals the grown pretrained LLM
+    pretrained = json.loads((asr / "omni_config.json").read_text())
+    assert pretrained["encoder"] == json.loads((final / "omni_config.json").read_text())["encoder"]
+    # second trains the LLM only: adapter bit-identical to asr's, LLM changed
+    assert all(torch.equal(v, adapter(second)[k]) for k, v in adapter(asr).items())
+    assert any(not torch.equal(v, llm(second)[k]) for k, v in llm(asr).items())
+    # final trains both
+    assert any(not torch.equal(v, adapter(final)[k]) for k, v in adapter(second).items())
+    assert any(not torch.equal(v, llm(final)[k]) for k, v in llm(second).items())
+
+
+def test_asr_stage_keeps_encoder_and_llm_bit_identical(quick_recipe, cache_dir, tmp_path):
+    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
+                     accelerator=Accelerator(), max_steps=10)
+    load_data_and_pretrained(ctx)
+    run = StageRun(ctx, "asr")
+    run.setup()
+    model = ctx.accelerator.unwrap_model(run.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run.train()
+    after = model.state_dict()
+    for name, tensor in before.items():
+        same = torch.equal(tensor, after[name])
+        assert same == (not name.startswith("adapter.")), name
+    # the optimizer holds the adapter's parameters and nothing else
+    held = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.adapter.parameters()}
+
+
+def test_export_reloads_with_same_heldout_loss(three_stages, quick_recipe, cache_dir, tmp_path):
+    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
+                     accelerator=Accelerator(), init_from=three_stages / "final" / "final")
+    load_data_and_pretrained(ctx)
+    run = StageRun(ctx, "final")
+    run.setup()
+    record = json.loads((three_stages / "run_record.json").read_text())
+    assert run.heldout_loss() == pytest.approx(record["stages"]["final"]["heldout_loss"], abs=1e-6)
+    model, _, _ = load_omni(three_stages / "final" / "final")
+    assert model.layout.total == model.llm.get_input_embeddings().weight.shape[0]
+
+
+def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+         str(ROOT / "training" / "run.py"), "--stage", "final", "--output-dir", str(tmp_path / "empty")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "stage 'final' starts from stage 'second''s final checkpoint, but there is none at" in out
+    assert "--init-from" in out
