@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints saved by path, and the (quick) demo corpus + stand-ins,
 built once per machine in a cache so the suite stays fast."""
 
+import json
 import os
 from pathlib import Path
 
@@ -38,3 +39,21 @@ def tiny_checkpoints(tmp_path_factory) -> tuple[str, str]:
     Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)).save_pretrained(llm)
     return str(enc), str(llm)
+
+
+QUICK = {
+    "base": "demo", "name": "demo-quick", "corpus_scale": "quick", "standin_scale": "quick",
+    "batch_size": 16, "save_every": 20, "log_every": 10, "eval_batch_size": 40,
+    "stages": {
+        "asr": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20},
+        "second": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20},
+        "final": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def quick_recipe(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("recipe") / "quick.json"
+    path.write_text(json.dumps(QUICK))
+    return str(path)

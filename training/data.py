@@ -52,7 +52,8 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
         for column in (spec.audio_column, spec.text_column):
             if column not in ds.column_names:
                 raise DataError(f"dataset '{name}', split '{split}': no column '{column}' (columns: {ds.column_names})")
-        if isinstance(ds.features[spec.audio_column], datasets.Audio):
+        audio = ds.features[spec.audio_column]
+        if isinstance(audio, datasets.Audio) and audio.decode:  # we decode ourselves (no FFmpeg needed)
             ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
         if spec.max_eval_examples is not None and split != spec.train_split and len(ds) > spec.max_eval_examples:
             ds = ds.select(range(spec.max_eval_examples))

@@ -31,9 +31,10 @@ def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, m
     """Greedy transcripts and their references, gathered across processes, each utterance once."""
     unwrapped = accelerator.unwrap_model(model)
     predictions, references = [], []
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for batch in loader:
-        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens)
-        texts = [tokenizer.decode(strip_text_answer(unwrapped.layout, row)) for row in ids]
+        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens, stops)
+        texts = [tokenizer.decode(strip_text_answer(unwrapped.layout, row, stops)) for row in ids]
         predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
         references += accelerator.gather_for_metrics(batch["texts"], use_gather_object=True)
     return predictions, references

@@ -156,11 +156,11 @@ def pad_token_column(layout: VocabLayout) -> torch.Tensor:
     return torch.tensor(_audio_column(layout, layout.pad_a) + [layout.pad_t], dtype=torch.long)
 
 
-def strip_text_answer(layout: VocabLayout, ids: Sequence[int]) -> list[int]:
-    """Generated text ids up to (not including) the first eot, with specials dropped."""
+def strip_text_answer(layout: VocabLayout, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> list[int]:
+    """Generated text ids up to (not including) the first eot or stop id, with specials dropped."""
     out = []
     for token in ids:
-        if token == layout.eot:
+        if token == layout.eot or token in stop_ids:
             break
         if token < layout.text_vocab:
             out.append(int(token))

@@ -74,9 +74,9 @@ def load_data_and_pretrained(ctx: RunContext) -> None:
     with ctx.accelerator.main_process_first():
         ctx.splits = data_lib.load_speech_splits(recipe.data, ctx.cache_dir, recipe.corpus_scale, log=ctx.log)
         if recipe.encoder is None:
-            from training.standins import StandinConfig, build_standins
+            from training.standins import QUICK_STANDINS, StandinConfig, build_standins
 
-            config = StandinConfig() if recipe.standin_scale == "full" else StandinConfig.quick()
+            config = StandinConfig() if recipe.standin_scale == "full" else QUICK_STANDINS
             ctx.pretrained = tuple(str(p) for p in build_standins(ctx.splits[recipe.data.train_split], ctx.cache_dir, config, log=ctx.log))
         elif ctx.pretrained is None:
             ctx.pretrained = (recipe.encoder, recipe.llm)
@@ -236,7 +236,7 @@ class StageRun:
         self.source = initial_weights(ctx, self.stage)
         set_seed(recipe.seed)
         model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
-        set_trainable(model, spec.trainable)
+        set_trainable(model, spec.trainable, spec.train_text_specials)
         for module, (total, trainable) in parameter_summary(model).items():
             self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
         prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,8 +143,10 @@ class OmniModel(nn.Module):
     # -- inference ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def greedy_asr(self, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
-        """Batched greedy ASR decoding with a KV cache; prompts are left-padded."""
+    def greedy_asr(self, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor, max_new_tokens: int,
+                   stop_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Batched greedy ASR decoding with a KV cache; prompts are left-padded. A row ends at eot
+        (or at any of stop_ids, e.g. the LLM's own end-of-text token) and then repeats eot."""
         layout = self.layout
         device = encoder_states.device
         k = self.config.frame_stack
@@ -168,13 +170,14 @@ class OmniModel(nn.Module):
         last = out.last_hidden_state[:, -1]
         filler = pad_token_column(layout).to(device)
         generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+        stops = torch.tensor([layout.eot, *stop_ids], device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = self.stream_logits(last, 0, layout.text_size)
             token = logits.argmax(-1)
             token = torch.where(done, torch.full_like(token, layout.eot), token)
             generated = torch.cat([generated, token[:, None]], dim=1)
-            done |= token == layout.eot
+            done |= torch.isin(token, stops)
             if bool(done.all()):
                 break
             column = filler[None, :].repeat(batch, 1)
@@ -261,19 +264,36 @@ def load_omni(path: str | Path) -> tuple[OmniModel, PreTrainedTokenizerBase, Whi
     return model, AutoTokenizer.from_pretrained(path / "llm"), WhisperFeatureExtractor.from_pretrained(path)
 
 
-def set_trainable(model: OmniModel, modules: Iterable[str]) -> None:
-    """requires_grad per module; the encoder is frozen in every stage."""
+def set_trainable(model: OmniModel, modules: Iterable[str], train_text_specials: bool = False) -> None:
+    """requires_grad per module; the encoder is frozen in every stage.
+
+    train_text_specials (with the LLM frozen): the embedding and output rows of the 64 new text
+    specials train too; a gradient mask zeroes every other row's gradient, and with no weight decay
+    on embeddings (see optimizer_groups) Adam leaves those rows bit-identical.
+    """
     modules = set(modules)
     model.encoder.requires_grad_(False)
     model.adapter.requires_grad_("adapter" in modules)
     model.llm.requires_grad_("llm" in modules)
+    if train_text_specials and "llm" not in modules:
+        layout = model.layout
+        weights = {id(w): w for w in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight)}
+        for weight in weights.values():
+            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            mask[layout.text_vocab : layout.text_size] = 1
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+    model.special_rows_only = train_text_specials and "llm" not in modules
 
 
 def parameter_summary(model: OmniModel) -> dict[str, tuple[int, int]]:
-    """module -> (total, trainable) parameter counts."""
+    """module -> (total, trainable) parameter counts (masked rows do not count as trainable)."""
     out = {}
     for name in ("encoder", "adapter", "llm"):
         params = list(getattr(model, name).parameters())
         out[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+    if getattr(model, "special_rows_only", False):
+        weights = {id(w): w for w in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight)}
+        rows = model.layout.text_size - model.layout.text_vocab
+        out["llm"] = (out["llm"][0], sum(rows * w.shape[1] for w in weights.values()))
     return out
-

@@ -44,6 +44,10 @@ class StageSpec:
     warmup_steps: int
     lr_floor: float  # cosine decay ends here at max_steps
     trainable: tuple[str, ...]  # modules whose weights this stage updates
+    # Train the LLM's 64 new text-special rows (eot, asr, ...) in the embedding and output layer
+    # even when the LLM is frozen (a gradient mask keeps every other row fixed). Without it a
+    # frozen LLM can never emit Mini-Omni's eot, a row it did not have when pretrained.
+    train_text_specials: bool
     task_mix: Mapping[str, float]  # task -> sampling weight
     eval_every: int  # held-out loss every N steps (early-stop signal)
     early_stop_patience: int  # evals without improvement before stopping (after min_steps)
@@ -90,7 +94,7 @@ SEED_STAGES: tuple[StageSpec, ...] = (
         description="modality alignment: adapter learns to feed speech to the frozen LLM",
         min_steps=10_000, max_steps=20_000, lr_init=4e-6, lr_peak=1e-3,
         warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("adapter",), task_mix={"asr": 1.0},
+        trainable=("adapter",), train_text_specials=True, task_mix={"asr": 1.0},
         eval_every=1_000, early_stop_patience=3, max_wer=None,
     ),
     StageSpec(
@@ -98,7 +102,7 @@ SEED_STAGES: tuple[StageSpec, ...] = (
         description="adaption: LLM learns to answer from speech features (ASR kept in the mix)",
         min_steps=20_000, max_steps=30_000, lr_init=4e-6, lr_peak=4e-4,
         warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("llm",), task_mix={"asr": 1.0},
+        trainable=("llm",), train_text_specials=False, task_mix={"asr": 1.0},
         eval_every=1_000, early_stop_patience=3, max_wer=None,
     ),
     StageSpec(
@@ -106,7 +110,7 @@ SEED_STAGES: tuple[StageSpec, ...] = (
         description="multimodal finetuning: adapter + LLM (encoder stays frozen)",
         min_steps=50_000, max_steps=60_000, lr_init=4e-6, lr_peak=4e-4,
         warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("adapter", "llm"), task_mix={"asr": 1.0},
+        trainable=("adapter", "llm"), train_text_specials=False, task_mix={"asr": 1.0},
         eval_every=2_000, early_stop_patience=3, max_wer=None,
     ),
 )
