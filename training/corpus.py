@@ -73,11 +73,11 @@ class VoiceSpec:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    n_train: int = 1600
+    n_train: int = 2400
     n_dev: int = 100
     n_heldout: int = 100
     seed: int = 0
-    # Five training speakers; the two held-out speakers use base voices (accents) AND variants
+    # Eight training speakers; the two held-out speakers use base voices (accents) AND variants
     # (formant/pitch profiles) that training never hears, so "heldout" measures unseen voices.
     train_voices: tuple[VoiceSpec, ...] = (
         VoiceSpec("en-us+m3", 170, 45),
@@ -85,6 +85,9 @@ class CorpusConfig:
         VoiceSpec("en-gb-x-rp+m1", 185, 40),
         VoiceSpec("en-us+f2", 160, 60),
         VoiceSpec("en-gb-scotland+m5", 175, 50),
+        VoiceSpec("en-029+m2", 170, 50),
+        VoiceSpec("en-gb-x-gbcwmd+f1", 160, 58),
+        VoiceSpec("en+m6", 180, 42),
     )
     heldout_voices: tuple[VoiceSpec, ...] = (
         VoiceSpec("en-us-nyc+f4", 170, 55),
@@ -258,6 +261,16 @@ def make_sentences(n: int, seed: int, min_words: int = 4, max_words: int = 10) -
             seen.add(text)
             out.append(text)
     return out
+
+
+def text_only_sentences(config: CorpusConfig, n: int) -> list[str]:
+    """`n` more sentences of the same grammar, text only, for pretraining the stand-in LLM (the
+    stand-in for the web text a real LLM has read). None is a dev or held-out sentence."""
+    pools = split_sentences(config)
+    unseen = set(pools["dev"]) | set(pools["heldout"])
+    spoken = set(pools["train"])
+    extra = make_sentences(n + len(unseen) + len(spoken), config.seed + 1, config.min_words, config.max_words)
+    return [s for s in extra if s not in unseen and s not in spoken][:n]
 
 
 def split_sentences(config: CorpusConfig) -> dict[str, list[str]]:

@@ -37,10 +37,9 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
                        ) -> dict[str, datasets.Dataset]:
     """The training split and the evaluation splits, audio column undecoded (we decode ourselves)."""
     if spec.dataset is None:
-        from training.corpus import CorpusConfig, build_corpus
+        from training.corpus import build_corpus
 
-        config = CorpusConfig() if corpus_scale == "full" else CorpusConfig(n_train=480, n_dev=40, n_heldout=40)
-        source, name = build_corpus(cache_dir, config, log=log), EMBEDDED
+        source, name = build_corpus(cache_dir, corpus_config(corpus_scale), log=log), EMBEDDED
     else:
         name = spec.dataset
         source = _load_user_dataset(spec.dataset)
@@ -59,6 +58,13 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
             ds = ds.select(range(spec.max_eval_examples))
         splits[split] = ds
     return splits
+
+
+def corpus_config(scale: str):
+    """The embedded corpus at full size (the demo) or quick size (the tests)."""
+    from training.corpus import CorpusConfig
+
+    return CorpusConfig() if scale == "full" else CorpusConfig(n_train=480, n_dev=40, n_heldout=40)
 
 
 def _load_user_dataset(where: str) -> datasets.DatasetDict:

@@ -74,10 +74,15 @@ def load_data_and_pretrained(ctx: RunContext) -> None:
     with ctx.accelerator.main_process_first():
         ctx.splits = data_lib.load_speech_splits(recipe.data, ctx.cache_dir, recipe.corpus_scale, log=ctx.log)
         if recipe.encoder is None:
+            from training.corpus import text_only_sentences
             from training.standins import QUICK_STANDINS, StandinConfig, build_standins
 
             config = StandinConfig() if recipe.standin_scale == "full" else QUICK_STANDINS
-            ctx.pretrained = tuple(str(p) for p in build_standins(ctx.splits[recipe.data.train_split], ctx.cache_dir, config, log=ctx.log))
+            # Text-only sentences of the corpus grammar (never a dev or held-out one) for the
+            # stand-in LLM: a pretrained LLM knows the language, not just the ASR transcripts.
+            extra = text_only_sentences(data_lib.corpus_config(recipe.corpus_scale), recipe.standin_lm_texts)
+            paths = build_standins(ctx.splits[recipe.data.train_split], ctx.cache_dir, config, log=ctx.log, extra_texts=extra)
+            ctx.pretrained = (str(paths[0]), str(paths[1]))
         elif ctx.pretrained is None:
             ctx.pretrained = (recipe.encoder, recipe.llm)
 
@@ -247,7 +252,9 @@ class StageRun:
         eval_dls = {s: data_lib.eval_loader(prepared[s], layout, k, recipe.eval_batch_size) for s in eval_names}
         self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
 
-        optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0), betas=recipe.adam_betas)
+        # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)
+        optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0),
+                                      betas=recipe.adam_betas, fused=True)
         self.model, self.optimizer, self.train_dl = acc.prepare(model, optimizer, train_dl)
         self.eval_dls = {s: acc.prepare(dl) for s, dl in eval_dls.items()}
 

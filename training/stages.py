@@ -154,6 +154,7 @@ class Recipe:
     eval_batch_size: int = 32
     standin_scale: str = "full"  # demo only: "full" or "quick" stand-ins (tests use quick)
     corpus_scale: str = "full"  # demo only: "full" or "quick" corpus
+    standin_lm_texts: int = 20_000  # demo only: text-only sentences the stand-in LLM also reads
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:
@@ -212,7 +213,7 @@ DEMO = Recipe(
     frame_stack=4,
     batch_size=32,
     save_every=100,
-    num_workers=0,
+    num_workers=1,  # reading rows from Arrow overlaps the step
     max_new_tokens=32,
     eval_batch_size=50,
 )

@@ -176,15 +176,18 @@ def _data_fingerprint(train: Dataset) -> str:
     return hasher.hexdigest()
 
 
-def _cache_key(config: StandinConfig, train: Dataset) -> str:
+def _cache_key(config: StandinConfig, train: Dataset, extra_texts: Sequence[str] = ()) -> str:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cache_key", True)}
-    payload = json.dumps({"recipe": RECIPE_VERSION, "config": fields, "data": _data_fingerprint(train)}, sort_keys=True)
+    extra = hashlib.sha256("\n".join(extra_texts).encode()).hexdigest()
+    payload = json.dumps({"recipe": RECIPE_VERSION, "config": fields, "data": _data_fingerprint(train), "extra": extra},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def standins_dir(cache_dir: str | Path, train: Dataset, config: StandinConfig = StandinConfig()) -> Path:
+def standins_dir(cache_dir: str | Path, train: Dataset, config: StandinConfig = StandinConfig(),
+                 extra_texts: Sequence[str] = ()) -> Path:
     """Where `build_standins` keeps (or will keep) the stand-ins for this config and data."""
-    return Path(cache_dir) / f"standins-{_cache_key(config, train)}"
+    return Path(cache_dir) / f"standins-{_cache_key(config, train, extra_texts)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,10 +613,12 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
 
 
 def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig = StandinConfig(),
-                   log: LogFn = print) -> tuple[Path, Path]:
+                   log: LogFn = print, extra_texts: Sequence[str] = ()) -> tuple[Path, Path]:
     """Train (once) the stand-in encoder and LLM on `train`; returns (encoder_dir, llm_dir).
 
     `train` is a `datasets.Dataset` with "audio" (`Audio(decode=False)` values) and "text".
+    `extra_texts` are text-only sentences the LLM (and its tokenizer) also learn from, as a real
+    LLM has read far more text than any speech corpus holds.
     The result lives in `cache_dir/standins-<hash of config and data>/{encoder,llm}`; it is
     written to a temporary folder and renamed into place, so a crash never leaves a partial
     build that a later call would return.
@@ -622,7 +627,7 @@ def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig 
     for column in ("audio", "text"):
         if column not in train.column_names:
             raise ValueError(f"stand-in training data needs columns 'audio' and 'text'; has {train.column_names}")
-    target = standins_dir(cache_dir, train, config)
+    target = standins_dir(cache_dir, train, config, extra_texts)
     encoder_dir, llm_dir = target / "encoder", target / "llm"
     if target.is_dir():
         return encoder_dir, llm_dir
@@ -641,8 +646,8 @@ def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig 
         summary: dict[str, Any] = {}
         summary.update(_train_encoder(train, rows, heldback, tmp / "encoder", config, log))
         all_texts = list(train["text"])
-        summary.update(_train_llm([all_texts[i] for i in rows], [all_texts[i] for i in heldback], tmp / "llm",
-                                  config, log))
+        summary.update(_train_llm([all_texts[i] for i in rows] + list(extra_texts), [all_texts[i] for i in heldback],
+                                  tmp / "llm", config, log))
         summary["total_seconds"] = time.perf_counter() - started
         (tmp / SUMMARY_FILE).write_text(json.dumps({"config": dataclasses.asdict(config), "results": summary},
                                                    indent=2) + "\n")
