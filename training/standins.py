@@ -89,7 +89,7 @@ class StandinConfig:
     decoder_vocab_size: int = 8
     decoder_max_positions: int = 8
     # Encoder training: character CTC on the training split.
-    ctc_steps: int = 500
+    ctc_steps: int = 450
     ctc_batch_size: int = 32
     ctc_lr: float = 4e-3
     ctc_warmup_steps: int = 50
@@ -120,7 +120,7 @@ class StandinConfig:
     # (bos + s + sep + s + eos, scored on the second copy). Measured on the default corpus: copying
     # only "clicks" after ~500 steps; 1,000 steps at 1e-3 repeat ~78 % of unseen sentences exactly
     # (400 steps at 3e-3: 2 %; peak LRs of 2e-3 and up learned it slower or not at all).
-    lm_steps: int = 1000
+    lm_steps: int = 800
     lm_batch_size: int = 32
     lm_lr: float = 1e-3
     lm_warmup_steps: int = 40

@@ -1,0 +1,137 @@
+"""Training-step throughput and peak memory at Mini-Omni's real size.
+
+Builds whisper-small's encoder and Qwen2-0.5B from their published configs (random weights: no
+download), grows the vocabulary to 181,120 rows, and runs real optimizer steps of a stage through
+Accelerate (+ DeepSpeed when launched with a DeepSpeed config) on synthetic encoder states of a
+given length. Prints steps/s, tokens/s (all 8-stream positions) and peak accelerator memory.
+
+    accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero2.json \
+        --num_processes 1 --mixed_precision bf16 benchmarks/stage_steps.py --stage final
+
+On CPU, `--tiny` swaps in small configs so the script itself can be checked quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from accelerate import Accelerator  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,  # noqa: E402
+                          WhisperFeatureExtractor, WhisperModel)
+
+from training.data import SpeechTextCollator  # noqa: E402
+from training.evaluation import model_inputs  # noqa: E402
+from training.loop import optimizer_groups  # noqa: E402
+from training.model import build_model, parameter_summary, set_trainable  # noqa: E402
+from training.stages import MINI_OMNI, lr_at  # noqa: E402
+
+WHISPER_SMALL = dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
+                     num_mel_bins=80, max_source_positions=1500)
+QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True)
+TINY_WHISPER = dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128, num_mel_bins=80,
+                    max_source_positions=1500)
+TINY_QWEN2 = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def make_checkpoints(root: Path, tiny: bool) -> tuple[str, str]:
+    """Random-weight checkpoints with the published shapes, saved like the real ones."""
+    enc, llm = root / "whisper", root / "qwen2"
+    decoder = dict(decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, vocab_size=64,
+                   max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    WhisperModel(WhisperConfig(**(TINY_WHISPER if tiny else WHISPER_SMALL), **decoder)).save_pretrained(enc)
+    WhisperFeatureExtractor().save_pretrained(enc)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat sat on the mat"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(llm)
+    Qwen2ForCausalLM(Qwen2Config(**(TINY_QWEN2 if tiny else QWEN2_05B))).save_pretrained(llm)
+    return str(enc), str(llm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="final", choices=["asr", "second", "final"])
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--seconds", type=float, default=10.0, help="speech per utterance")
+    parser.add_argument("--answer-tokens", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--json", type=Path, help="append the figures here as one JSON line")
+    args = parser.parse_args()
+
+    accelerator = Accelerator()
+    spec = MINI_OMNI.stage(args.stage)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_checkpoints(Path(tmp) / f"rank{accelerator.process_index}", args.tiny)
+        model, _, _ = build_model(*paths, frame_stack=MINI_OMNI.frame_stack)
+    set_trainable(model, spec.trainable, spec.train_text_specials)
+    summary = parameter_summary(model)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, MINI_OMNI.weight_decay), lr=lr_at(spec, 0),
+                                  betas=MINI_OMNI.adam_betas, fused=True)
+    collate = SpeechTextCollator(model.layout, model.config.frame_stack)
+    frames = int(args.seconds * 1000 / 20) + 1
+    rng = np.random.default_rng(0)
+    dim = model.encoder.config.d_model
+
+    def batch() -> dict:
+        rows = [{"n_frames": frames, "encoder_states": rng.standard_normal((frames, dim), dtype=np.float32),
+                 "text_ids": rng.integers(0, 1000, args.answer_tokens), "text": ""} for _ in range(args.batch_size)]
+        return collate(rows)
+
+    batches = [batch() for _ in range(2)]
+    # DeepSpeed's "auto" micro-batch needs a dataloader; a list of prepared batches stands in
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    device_batches = list(loader)
+    positions = device_batches[0]["input_ids"].shape[-1] * args.batch_size
+    step_times = []
+    for step in range(args.warmup + args.steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model(**model_inputs(device_batches[step % 2]))
+        accelerator.backward(out["loss"])
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = float(out["loss"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+    seconds = float(np.median(step_times))
+    figures = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision, "stage": args.stage,
+        "params": {k: {"total": t, "trainable": n} for k, (t, n) in summary.items()},
+        "batch_per_process": args.batch_size, "positions_per_sample": positions // args.batch_size,
+        "step_seconds_median": seconds, "tokens_per_second_per_process": positions / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "last_loss": loss,
+    }
+    if accelerator.is_main_process:
+        print(json.dumps(figures, indent=2))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(figures) + "\n")
+
+
+if __name__ == "__main__":
+    main()
