@@ -25,14 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accelerate import Accelerator  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,  # noqa: E402
                           WhisperFeatureExtractor, WhisperModel)
 
 from training.data import SpeechTextCollator  # noqa: E402
 from training.evaluation import model_inputs  # noqa: E402
-from training.loop import optimizer_groups  # noqa: E402
+from training.loop import make_accelerator, optimizer_groups  # noqa: E402
 from training.model import build_model, parameter_summary, set_trainable  # noqa: E402
 from training.stages import MINI_OMNI, lr_at  # noqa: E402
 
@@ -76,7 +75,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="append the figures here as one JSON line")
     args = parser.parse_args()
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     spec = MINI_OMNI.stage(args.stage)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_checkpoints(Path(tmp) / f"rank{accelerator.process_index}", args.tiny)
@@ -90,14 +89,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     dim = model.encoder.config.d_model
 
-    def batch() -> dict:
-        rows = [{"n_frames": frames, "encoder_states": rng.standard_normal((frames, dim), dtype=np.float32),
-                 "text_ids": rng.integers(0, 1000, args.answer_tokens), "text": ""} for _ in range(args.batch_size)]
-        return collate(rows)
-
-    batches = [batch() for _ in range(2)]
-    # DeepSpeed's "auto" micro-batch needs a dataloader; a list of prepared batches stands in
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    rows = [{"n_frames": frames, "encoder_states": rng.standard_normal((frames, dim), dtype=np.float32),
+             "text_ids": rng.integers(0, 1000, args.answer_tokens), "text": ""} for _ in range(2 * args.batch_size)]
+    # DeepSpeed's "auto" micro-batch reads the dataloader's integer batch_size
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     device_batches = list(loader)
     positions = device_batches[0]["input_ids"].shape[-1] * args.batch_size
@@ -110,7 +105,7 @@ def main() -> None:
         accelerator.backward(out["loss"])
         optimizer.step()
         optimizer.zero_grad()
-        loss = float(out["loss"])
+        loss = float(out["loss"].detach())
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if step >= args.warmup:

@@ -116,3 +116,18 @@ def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
     out = proc.stdout + proc.stderr
     assert "stage 'final' starts from stage 'second''s final checkpoint, but there is none at" in out
     assert "--init-from" in out
+
+
+def test_wer_gate_stops_a_multi_stage_run(quick_recipe, cache_dir, tmp_path, capsys):
+    """A stage above its WER gate stops `--stage all` with exit 3 and keeps its export."""
+    raw = json.loads(Path(quick_recipe).read_text())
+    raw["stages"]["asr"].update(max_wer=0.01, max_steps=5, min_steps=5)
+    recipe = tmp_path / "gated.json"
+    recipe.write_text(json.dumps(raw))
+    code = main(["--stage", "all", "--recipe", str(recipe), "--output-dir", str(tmp_path / "run"),
+                 "--cache-dir", str(cache_dir)])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "heldout WER" in out and "above the stage's gate 0.010" in out
+    assert (tmp_path / "run" / "asr" / "final" / "omni_config.json").is_file()
+    assert not (tmp_path / "run" / "second").exists()

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from accelerate.utils import set_seed
 
 from training import data as data_lib
@@ -66,6 +68,15 @@ class RunContext:
 
 # ---------------------------------------------------------------------------------------------
 # Setup helpers
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1) -> Accelerator:
+    """The Accelerator for this launch. On CPU, several processes or DeepSpeed need the gloo
+    backend (without it ranks fail or each acts as main); GPUs get NCCL by default."""
+    on_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
+    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers)
 
 
 def load_data_and_pretrained(ctx: RunContext) -> None:

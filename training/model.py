@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,11 @@ class OmniConfig:
     adapter_in: int
     adapter_hidden: int
     adapter_out: int
+
+    @property
+    def hidden_size(self) -> int:
+        """The LLM width; DeepSpeed's "auto" bucket sizes are derived from it."""
+        return self.adapter_out
 
 
 class OmniModel(nn.Module):
@@ -196,6 +202,22 @@ class OmniModel(nn.Module):
 # Loading and saving
 
 
+@contextmanager
+def outside_zero3_init() -> Iterator[None]:
+    """Load whole weights even under a ZeRO-3 launch (no deepspeed.zero.Init): Whisper's weight
+    init computes its sinusoidal positions from the parameter's shape, which is empty once
+    partitioned, and growing the vocabulary reads the pretrained rows. Whisper-small and
+    Qwen2-0.5B fit any host; accelerator.prepare() then shards them across ranks."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_encoder(path: str) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
     """A Whisper encoder and its feature extractor from a checkpoint folder or hub id."""
     whisper = WhisperModel.from_pretrained(path)
@@ -221,8 +243,9 @@ def grow_vocabulary(llm: Qwen2ForCausalLM, layout: VocabLayout) -> None:
 def build_model(encoder_path: str, llm_path: str, frame_stack: int, adapter_hidden: int | None = None,
                 ) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
     """The untrained pipeline: pretrained encoder and LLM (grown vocab), fresh adapter."""
-    encoder, feature_extractor = load_encoder(encoder_path)
-    llm = Qwen2ForCausalLM.from_pretrained(llm_path)
+    with outside_zero3_init():
+        encoder, feature_extractor = load_encoder(encoder_path)
+        llm = Qwen2ForCausalLM.from_pretrained(llm_path)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     text_vocab = llm.config.vocab_size
     layout = VocabLayout(text_vocab=text_vocab)
@@ -257,8 +280,9 @@ def load_omni(path: str | Path) -> tuple[OmniModel, PreTrainedTokenizerBase, Whi
     if not is_omni_export(path):
         raise FileNotFoundError(f"{path}: not a stage export (no {OMNI_CONFIG})")
     config = OmniConfig(**json.loads((path / OMNI_CONFIG).read_text()))
-    encoder, _ = load_encoder(config.encoder)
-    llm = Qwen2ForCausalLM.from_pretrained(path / "llm")
+    with outside_zero3_init():
+        encoder, _ = load_encoder(config.encoder)
+        llm = Qwen2ForCausalLM.from_pretrained(path / "llm")
     model = OmniModel(encoder, llm, config)
     model.adapter.load_state_dict(load_file(path / ADAPTER_WEIGHTS))
     return model, AutoTokenizer.from_pretrained(path / "llm"), WhisperFeatureExtractor.from_pretrained(path)

@@ -62,17 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # Heavy imports only once the arguments are known to be good.
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     from training.data import DataError
     from training.loop import (REQUEUE_EXIT_CODE, Preempted, RunContext, StageOrderError, WerGateFailed,
-                               format_wer_table, initial_weights, load_data_and_pretrained, run_stage)
+                               format_wer_table, initial_weights, load_data_and_pretrained, make_accelerator,
+                               run_stage)
 
-    # Several CPU processes (DDP or DeepSpeed) need the gloo backend; GPUs get NCCL by default.
-    cpu_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu()
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu_distributed else [])
+    accelerator = make_accelerator(recipe.grad_accum)
     ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
                      init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
     stages = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
@@ -98,12 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         ctx.log("\nWER per stage boundary\n" + format_wer_table(ctx.record(), splits))
     accelerator.end_training()
     return code
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":
