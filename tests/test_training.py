@@ -121,7 +121,7 @@ def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
 def test_wer_gate_stops_a_multi_stage_run(quick_recipe, cache_dir, tmp_path, capsys):
     """A stage above its WER gate stops `--stage all` with exit 3 and keeps its export."""
     raw = json.loads(Path(quick_recipe).read_text())
-    raw["stages"]["asr"].update(max_wer=0.01, max_steps=5, min_steps=5)
+    raw["stages"]["asr"].update(max_wer=0.01, max_steps=5, min_steps=5, warmup_steps=2)
     recipe = tmp_path / "gated.json"
     recipe.write_text(json.dumps(raw))
     code = main(["--stage", "all", "--recipe", str(recipe), "--output-dir", str(tmp_path / "run"),
