@@ -131,3 +131,23 @@ def test_wer_gate_stops_a_multi_stage_run(quick_recipe, cache_dir, tmp_path, cap
     assert "heldout WER" in out and "above the stage's gate 0.010" in out
     assert (tmp_path / "run" / "asr" / "final" / "omni_config.json").is_file()
     assert not (tmp_path / "run" / "second").exists()
+
+
+@pytest.mark.parametrize("stage, previous, frozen", [("second", "asr", ("encoder.", "adapter.")),
+                                                      ("final", "second", ("encoder.",))])
+def test_later_stages_keep_their_frozen_modules(three_stages, quick_recipe, cache_dir, tmp_path, stage, previous, frozen):
+    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
+                     accelerator=Accelerator(), max_steps=5, init_from=three_stages / previous / "final")
+    load_data_and_pretrained(ctx)
+    run = StageRun(ctx, stage)
+    run.setup()
+    model = ctx.accelerator.unwrap_model(run.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run.train()
+    after = model.state_dict()
+    changed = {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
+    assert not {name for name in changed if name.startswith(frozen)}
+    trained_modules = {name.split(".")[0] for name in changed}
+    assert trained_modules == {"adapter", "llm"} - {m.rstrip(".") for m in frozen}
+    held = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for n, p in model.named_parameters() if not n.startswith(frozen)}
