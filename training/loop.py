@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from training import data as data_lib
 from training.checkpoint import TRAINER_STATE, StageCheckpoints, atomic_dir, read_json, write_json_atomic
