@@ -78,6 +78,10 @@ class StageCheckpoints:
         """Every process takes part (DeepSpeed shards its state); the main process publishes."""
         name = f"step-{step:07d}"
         final = self.dir / name
+        if (final / TRAINER_STATE).is_file():
+            # this step is already saved (a periodic save that coincides with the stage end);
+            # replacing it would leave `latest` pointing at nothing for a moment
+            return final
         tmp = self.dir / f".{name}.tmp"
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -87,7 +91,7 @@ class StageCheckpoints:
         if accelerator.is_main_process:
             # trainer_state.json goes in last: a folder without it is incomplete and ignored
             write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-            if final.exists():
+            if final.exists():  # an incomplete leftover (no trainer_state.json); `latest` never named it
                 shutil.rmtree(final)
             os.replace(tmp, final)
             (self.dir / f".{LATEST}.tmp").write_text(name)
