@@ -312,7 +312,7 @@ class StageRun:
         return batch
 
     def train(self) -> None:
-        ctx, recipe, spec, acc, state = self.ctx, self.ctx.recipe, self.spec, self.ctx.accelerator, self.state
+        recipe, spec, acc, state = self.ctx.recipe, self.spec, self.ctx.accelerator, self.state
         model, optimizer = self.model, self.optimizer
         if acc.is_main_process:  # drop log lines past the step we resumed at
             self.dir.mkdir(parents=True, exist_ok=True)
