@@ -226,6 +226,12 @@ def load_encoder(path: str) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
     return encoder, WhisperFeatureExtractor.from_pretrained(path)
 
 
+def row_tables(llm: Qwen2ForCausalLM) -> list[torch.Tensor]:
+    """The input embedding and output projection weights, once each (Qwen2-0.5B ties them)."""
+    weights = (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight)
+    return list({id(w): w for w in weights}.values())
+
+
 def grow_vocabulary(llm: Qwen2ForCausalLM, layout: VocabLayout) -> None:
     """Grow the LLM's embedding and output rows to Mini-Omni's vocabulary. New rows start at the
     mean of the pretrained rows: a neutral point that keeps the first steps' logits sane."""
@@ -236,7 +242,7 @@ def grow_vocabulary(llm: Qwen2ForCausalLM, layout: VocabLayout) -> None:
         raise ValueError(f"LLM has {old} embedding rows; expected {layout.text_vocab} (text) or {layout.total} (grown)")
     llm.resize_token_embeddings(layout.total, mean_resizing=False)
     with torch.no_grad():
-        for weight in {id(w): w for w in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight)}.values():
+        for weight in row_tables(llm):
             weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
@@ -301,8 +307,7 @@ def set_trainable(model: OmniModel, modules: Iterable[str], train_text_specials:
     model.llm.requires_grad_("llm" in modules)
     if train_text_specials and "llm" not in modules:
         layout = model.layout
-        weights = {id(w): w for w in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight)}
-        for weight in weights.values():
+        for weight in row_tables(model.llm):
             mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
             mask[layout.text_vocab : layout.text_size] = 1
             weight.requires_grad_(True)
@@ -317,7 +322,6 @@ def parameter_summary(model: OmniModel) -> dict[str, tuple[int, int]]:
         params = list(getattr(model, name).parameters())
         out[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
     if getattr(model, "special_rows_only", False):
-        weights = {id(w): w for w in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight)}
         rows = model.layout.text_size - model.layout.text_vocab
-        out["llm"] = (out["llm"][0], sum(rows * w.shape[1] for w in weights.values()))
+        out["llm"] = (out["llm"][0], sum(rows * w.shape[1] for w in row_tables(model.llm)))
     return out
