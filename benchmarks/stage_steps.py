@@ -25,15 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,  # noqa: E402
-                          WhisperFeatureExtractor, WhisperModel)
 
 from training.data import SpeechTextCollator  # noqa: E402
 from training.evaluation import model_inputs  # noqa: E402
 from training.loop import make_accelerator, optimizer_groups  # noqa: E402
 from training.model import build_model, parameter_summary, set_trainable  # noqa: E402
 from training.stages import MINI_OMNI, lr_at  # noqa: E402
+from training.standins import save_untrained_checkpoints  # noqa: E402
 
 WHISPER_SMALL = dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
                      num_mel_bins=80, max_source_positions=1500)
@@ -46,21 +44,6 @@ TINY_QWEN2 = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hi
                   num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True)
 
 
-def make_checkpoints(root: Path, tiny: bool) -> tuple[str, str]:
-    """Random-weight checkpoints with the published shapes, saved like the real ones."""
-    enc, llm = root / "whisper", root / "qwen2"
-    decoder = dict(decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, vocab_size=64,
-                   max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    WhisperModel(WhisperConfig(**(TINY_WHISPER if tiny else WHISPER_SMALL), **decoder)).save_pretrained(enc)
-    WhisperFeatureExtractor().save_pretrained(enc)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["the cat sat on the mat"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(llm)
-    Qwen2ForCausalLM(Qwen2Config(**(TINY_QWEN2 if tiny else QWEN2_05B))).save_pretrained(llm)
-    return str(enc), str(llm)
 
 
 def main() -> None:
@@ -78,7 +61,9 @@ def main() -> None:
     accelerator = make_accelerator()
     spec = MINI_OMNI.stage(args.stage)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_checkpoints(Path(tmp) / f"rank{accelerator.process_index}", args.tiny)
+        paths = save_untrained_checkpoints(Path(tmp) / f"rank{accelerator.process_index}",
+                                           TINY_WHISPER if args.tiny else WHISPER_SMALL,
+                                           TINY_QWEN2 if args.tiny else QWEN2_05B)
         model, _, _ = build_model(*paths, frame_stack=MINI_OMNI.frame_stack)
     set_trainable(model, spec.trainable, spec.train_text_specials)
     summary = parameter_summary(model)

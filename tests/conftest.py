@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,
-                          WhisperFeatureExtractor, WhisperModel)
+
+from training.standins import save_untrained_checkpoints
 
 CACHE = Path(os.environ.get("OMNI_STAGE_TEST_CACHE", Path.home() / ".cache" / "omni-stage-tests"))
 
@@ -22,23 +21,14 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> tuple[str, str]:
     """A random tiny Whisper and Qwen2 (with a BPE tokenizer), saved like real checkpoints."""
-    root = tmp_path_factory.mktemp("tiny")
-    enc, llm = root / "whisper", root / "qwen2"
-    config = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                           max_source_positions=200, max_target_positions=16, vocab_size=64, pad_token_id=0,
-                           bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    WhisperModel(config).save_pretrained(enc)
-    WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, chunk_length=4).save_pretrained(enc)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["the cat sat on the mat", "a dog ran"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(llm)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)).save_pretrained(llm)
-    return str(enc), str(llm)
+    return save_untrained_checkpoints(
+        tmp_path_factory.mktemp("tiny"),
+        whisper=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=80,
+                     max_source_positions=200),
+        qwen2=dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, tie_word_embeddings=False),
+        feature_extractor=dict(feature_size=80, sampling_rate=16000, chunk_length=4),
+    )
 
 
 # The demo recipe cut down for tests: quick corpus and stand-ins, 30-40 steps a stage, and no WER
