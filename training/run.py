@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=f"stage table (steps: min-max; the LR schedule spans max):\n\n{tables}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stage", required=True, choices=[*STAGE_NAMES, "all"], help="stage to run, or all three in order")
+    parser.add_argument("--stage", choices=[*STAGE_NAMES, "all"],
+                        help="stage to run, or all three in order (required unless --dry-run, where it defaults to all)")
     parser.add_argument("--recipe", default="demo", help=f"built-in recipe {sorted(RECIPES)} or a JSON recipe file")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, exports, record)")
     parser.add_argument("--init-from", type=Path, help="start the (first) stage from this stage export instead")
@@ -40,7 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", choices=["auto", "never"], default="auto",
                         help="auto: continue from the latest checkpoint; never: refuse a run dir that has one")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus, stand-ins and feature cache")
+    dry = parser.add_argument_group("dry run (no launcher needed, nothing trained or downloaded)")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="build the model on the meta device, print parameters, memory per GPU and tokens per step, exit")
+    dry.add_argument("--gpus", type=int, default=8, help="GPUs per node to size for (default 8)")
+    dry.add_argument("--nodes", type=int, default=1, help="nodes to size for (default 1)")
+    dry.add_argument("--speech-seconds", type=float, help="typical utterance length (default 10)")
+    dry.add_argument("--text-tokens", type=int, help="typical answer length in tokens (default 3 per second of speech)")
     args = parser.parse_args(argv)
+    if args.stage is None and not args.dry_run:
+        parser.error("the following arguments are required: --stage")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
     if (args.encoder is None) != (args.llm is None):
@@ -60,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:  # before any Accelerator exists: plain `python training/run.py --dry-run` works
+        from training.dry_run import main_dry_run
+        return main_dry_run(recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens)
 
     # Heavy imports only once the arguments are known to be good.
     from training.data import DataError

@@ -195,6 +195,9 @@ MINI_OMNI = Recipe(
     llm="Qwen/Qwen2-0.5B",
     data=DataSpec(dataset=None),
     frame_stack=1,
+    # Mini-Omni's adapter (litgpt whisperMLP) is as wide as the LLM's MLP: Qwen2-0.5B's
+    # intermediate_size. Keeping that width lets training.export write their checkpoint format.
+    adapter_hidden=4864,
     batch_size=8,
 )
 

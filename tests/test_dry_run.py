@@ -1,0 +1,95 @@
+"""--dry-run: the real recipe sized from the shipped published configs, on the meta device."""
+
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.dry_run import DryRun, DryRunError, build_meta_model, config_folder, dry_run
+from training.model import build_model, parameter_summary, set_trainable
+from training.stages import MINI_OMNI, STAGE_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+QWEN2_05B = 494_032_768  # published Qwen2-0.5B size (embedding and output layer tied)
+WHISPER_SMALL_ENCODER = 88_154_112
+HIDDEN = 896
+
+
+@pytest.fixture(scope="module")
+def real() -> DryRun:
+    return dry_run(MINI_OMNI, STAGE_NAMES, gpus_per_node=8, nodes=1)
+
+
+def test_counts_match_published_sizes(real):
+    assert real.llm_pretrained == QWEN2_05B
+    # growth adds (181,120 - 151,936) rows of width 896, once: the output layer is the same tensor
+    assert real.llm_grown == QWEN2_05B + (181_120 - 151_936) * HIDDEN == 520_181_632
+    for rep in real.stages:
+        assert rep.modules["encoder"] == (WHISPER_SMALL_ENCODER, 0, 0)
+        assert rep.modules["llm"][0] == real.llm_grown
+    # Mini-Omni's adapter: fc_1, fc_2 (768 -> 4864) and proj (4864 -> 896), no biases
+    adapter = 2 * 768 * 4864 + 4864 * HIDDEN
+    asr, second, final = real.stages
+    assert asr.modules["adapter"] == (adapter, adapter, adapter)
+    # asr: 64 text-special rows train; the whole (tied) embedding tensor reaches the optimizer
+    assert asr.modules["llm"][1:] == (64 * HIDDEN, 181_120 * HIDDEN)
+    assert second.modules["adapter"] == (adapter, 0, 0) and second.modules["llm"][1] == real.llm_grown
+    assert final.modules["adapter"][1] == adapter and final.modules["llm"][1] == real.llm_grown
+
+
+def test_memory_per_gpu_for_8_gpus(real):
+    for rep in real.stages:
+        mem = {m.profile: m for m in rep.memory}
+        assert mem["zero3"].gpu_total < mem["zero2"].gpu_total < mem["ddp (no ZeRO)"].gpu_total
+        assert mem["zero3+offload"].gpu_total < mem["zero3"].gpu_total
+    final = {m.profile: m for m in real.stages[2].memory}
+    trainable = real.stages[2].in_optimizer
+    frozen = WHISPER_SMALL_ENCODER
+    # DeepSpeed's ZeRO-2 byte counts: 2 per parameter on every GPU + 18 per trainable one / N
+    assert final["zero2"].gpu_total == 2 * (trainable + frozen) + int(18 * trainable / 8)
+    # ZeRO-3 gathers the largest layer: the 181,120 x 896 embedding, 4 bytes per parameter
+    assert final["zero3"].gathered == 4 * 181_120 * HIDDEN
+
+
+def test_tokens_per_step(real):
+    # 10 s -> 501 encoder frames (int(ms / 20) + 1), frame_stack 1, + 3 prompt + 30 text + eot
+    assert real.seq_len == 501 + 3 + 30 + 1
+    assert real.tokens_per_step == MINI_OMNI.batch_size * MINI_OMNI.grad_accum * real.seq_len
+
+
+def test_meta_counts_equal_a_real_build(tiny_checkpoints):
+    """Local folders: the config is read from there, and the meta model counts exactly what
+    build_model loads for real, stage by stage."""
+    encoder, llm = tiny_checkpoints
+    recipe = dataclasses.replace(MINI_OMNI, encoder=encoder, llm=llm, adapter_hidden=None)
+    meta_model, _ = build_meta_model(Path(encoder), Path(llm), 1, None, encoder)
+    assert all(p.device.type == "meta" for p in meta_model.parameters())  # nothing allocated
+    result = dry_run(recipe, STAGE_NAMES, gpus_per_node=2, nodes=2)
+    assert all("local folder" in line for line in result.sources)
+    model, _, _ = build_model(encoder, llm, frame_stack=1)
+    for rep in result.stages:
+        set_trainable(model, rep.stage.trainable, rep.stage.train_text_specials)
+        assert {m: v[:2] for m, v in rep.modules.items()} == parameter_summary(model)
+
+
+def test_unknown_hub_id_is_named():
+    with pytest.raises(DryRunError, match="some-org/some-model"):
+        config_folder("some-org/some-model", "llm")
+
+
+def test_cli_exits_0_quickly_without_a_launcher():
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "training/run.py", "--recipe", "mini-omni", "--dry-run", "--gpus", "8",
+                          "--nodes", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert out.returncode == 0, out.stderr
+    assert "shipped config configs/qwen2-0.5b/" in out.stdout
+    assert "494,032,768" in out.stdout and "zero3+offload" in out.stdout
+    assert seconds < 60
+    bad = subprocess.run([sys.executable, "training/run.py", "--recipe", "mini-omni", "--dry-run", "--encoder", "x/y",
+                          "--llm", "Qwen/Qwen2-0.5B"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "x/y" in bad.stderr

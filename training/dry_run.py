@@ -1,0 +1,302 @@
+"""`run.py --dry-run`: what a recipe would train and what it needs, without training.
+
+The model is built on the meta device from config files only (no weights are read or
+downloaded), with the stage table's `trainable` / `train_text_specials` applied through the same
+`set_trainable` the loop uses, so the counts are the ones training would see. Per stage it prints
+parameter counts per module, the memory the model states need per GPU under each hardware
+profile, and the tokens per optimizer step.
+
+Where the configs come from: a recipe's encoder / llm that is a local folder is read from its
+config.json; a hub id that is not a local folder falls back to the configs shipped under
+`configs/` (written from the published model configs), and the output says so.
+
+Memory: model states only (weights, gradients, optimizer state); activations, the CUDA context
+and allocator fragmentation come on top. DeepSpeed's own estimators
+(`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`) assume every
+parameter trains; they are applied to the parameters that reach the optimizer, and the frozen
+ones are added as bf16 weights (replicated under ZeRO-2, partitioned under ZeRO-3, on the CPU
+under ZeRO-3 + offload). Byte counts per trainable parameter, as DeepSpeed's estimators state
+them: ZeRO-2 2 (bf16 weights, every GPU) + 18 / N (bf16 + fp32 gradients, fp32 master weights,
+Adam moments); ZeRO-3 4 x the largest layer (gathered bf16 weights + gradients) + 18 / N. Plain
+DDP (no ZeRO, fp32 weights under bf16 autocast) keeps 4 bytes per parameter plus 12 per
+trainable one (fp32 gradient, Adam's two moments) on every GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from training.layout import VocabLayout, n_adapter_frames, n_encoder_frames
+from training.model import OmniConfig, OmniModel, grow_vocabulary, parameter_summary, set_trainable
+from training.stages import MODULES, Recipe, StageSpec
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Hub ids whose published configs ship with the project (architecture only, no weights).
+SHIPPED_CONFIGS: dict[str, Path] = {
+    "openai/whisper-small": CONFIGS_DIR / "whisper-small",
+    "Qwen/Qwen2-0.5B": CONFIGS_DIR / "qwen2-0.5b",
+}
+GIB = 1024**3
+# Read speech runs at ~2.5 words/s, ~1.2 Qwen2 tokens per English word: ~3 text tokens per second.
+TEXT_TOKENS_PER_SECOND = 3.0
+DEFAULT_SPEECH_SECONDS = 10.0  # a spoken question or a read sentence; the demo corpus' are ~1.8 s
+PROMPT_EXTRA = 3  # input_a, eoa and the task token around the speech positions
+ANSWER_EXTRA = 1  # the eot closing the text answer
+
+
+class DryRunError(ValueError):
+    """A config is missing or malformed; the message names the file or the recipe field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building on the meta device
+
+
+def config_folder(name_or_path: str, role: str) -> tuple[Path, str]:
+    """The folder to read `role`'s config.json from, and a line saying where it came from."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DryRunError(f"{role} '{name_or_path}': local folder without a config.json")
+        return path, f"{role}: {name_or_path} (local folder, config.json)"
+    if name_or_path in SHIPPED_CONFIGS:
+        shipped = SHIPPED_CONFIGS[name_or_path]
+        where = shipped.relative_to(CONFIGS_DIR.parent)
+        return shipped, f"{role}: {name_or_path} is a hub id, not a local folder: using the shipped config {where}/ (nothing downloaded)"
+    raise DryRunError(f"{role} '{name_or_path}': not a local folder, and no config ships for this hub id "
+                      f"(shipped: {sorted(SHIPPED_CONFIGS)}); point it at a folder holding the model's config.json")
+
+
+def _read_config(folder: Path, model_type: str) -> dict:
+    file = folder / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DryRunError(f"{file}: cannot read ({err})") from err
+    if raw.get("model_type") != model_type:
+        raise DryRunError(f"{file}: model_type is {raw.get('model_type')!r}, expected {model_type!r}")
+    return raw
+
+
+def build_meta_model(encoder_dir: Path, llm_dir: Path, frame_stack: int, adapter_hidden: int | None,
+                     encoder_ref: str) -> tuple[OmniModel, int]:
+    """The whole pipeline on the meta device (shapes only, no storage), vocabulary grown exactly as
+    build_model grows it. Returns the model and the LLM's parameter count before the growth."""
+    encoder_config = WhisperConfig(**_read_config(encoder_dir, "whisper"))
+    llm_config = Qwen2Config(**_read_config(llm_dir, "qwen2"))
+    with torch.device("meta"):  # every tensor created here is shape-only: nothing is allocated
+        encoder = WhisperEncoder(encoder_config)
+        llm = Qwen2ForCausalLM(llm_config)
+        pretrained_count = count(llm.parameters())
+        text_vocab = llm_config.vocab_size
+        grow_vocabulary(llm, VocabLayout(text_vocab=text_vocab))
+        width = llm_config.hidden_size
+        config = OmniConfig(encoder=encoder_ref, text_vocab=text_vocab, frame_stack=frame_stack,
+                            adapter_in=encoder_config.d_model * frame_stack,
+                            adapter_hidden=adapter_hidden or 4 * width, adapter_out=width)
+        model = OmniModel(encoder, llm, config)
+    return model, pretrained_count
+
+
+def count(params) -> int:
+    """Parameters counted once each (a tied embedding/output weight is one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory per GPU
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes of model states under one profile."""
+
+    profile: str
+    weights: int  # per GPU
+    grads_optim: int  # per GPU: gradients + fp32 master weights + Adam moments
+    gathered: int  # per GPU: ZeRO-3's largest layer gathered whole
+    cpu_per_node: int
+
+    @property
+    def gpu_total(self) -> int:
+        return self.weights + self.grads_optim + self.gathered
+
+
+def largest_layer(model: torch.nn.Module) -> int:
+    """Most parameters any one module owns directly: what ZeRO-3 gathers at once (here the
+    181,120-row embedding)."""
+    return max(count(m.parameters(recurse=False)) for m in model.modules())
+
+
+def memory_per_gpu(trainable: int, frozen: int, largest: int, gpus_per_node: int, nodes: int) -> list[Memory]:
+    """Model-state memory per profile; see the module docstring for the byte counts."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    world = gpus_per_node * nodes
+    out = [Memory("ddp (no ZeRO)", 4 * (trainable + frozen), 12 * trainable, 0, 0)]
+    cpu2, gpu2 = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, cpu_offload=False)
+    out.append(Memory("zero2", 2 * (trainable + frozen), gpu2 - 2 * trainable, 0, cpu2))
+    # zero_init=False: the loop loads whole weights and lets prepare() shard them (outside_zero3_init)
+    cpu3, gpu3, gathered = estimate_zero3_model_states_mem_needs(
+        trainable, largest, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=False)
+    shard = gpu3 - gathered  # DeepSpeed's 18 bytes / N per trainable parameter
+    out.append(Memory("zero3", 2 * frozen // world + 2 * trainable // world, shard - 2 * trainable // world,
+                      gathered, cpu3))
+    cpu_off, gpu_off, gathered_off = estimate_zero3_model_states_mem_needs(
+        trainable, largest, gpus_per_node, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=False)
+    out.append(Memory("zero3+offload", 0, gpu_off - gathered_off, gathered_off, cpu_off + 2 * frozen // nodes))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: StageSpec
+    modules: dict[str, tuple[int, int, int]]  # module -> (total, trainable, in optimizer)
+    memory: list[Memory]
+
+    @property
+    def in_optimizer(self) -> int:
+        return sum(v[2] for v in self.modules.values())
+
+
+@dataclass(frozen=True)
+class DryRun:
+    recipe: Recipe
+    sources: list[str]
+    llm_pretrained: int  # LLM parameters before the vocabulary growth
+    llm_grown: int
+    text_vocab: int
+    total_vocab: int
+    gpus_per_node: int
+    nodes: int
+    speech_seconds: float
+    text_tokens: int
+    seq_len: int
+    stages: list[StageReport]
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def tokens_per_step(self) -> int:
+        # batch_size is the global number of rows per micro-step (split across processes)
+        return self.recipe.batch_size * self.recipe.grad_accum * self.seq_len
+
+
+def sequence_length(seconds: float, text_tokens: int, frame_stack: int, sampling_rate: int, max_frames: int) -> int:
+    """Positions of one speech-in, text-out row: [input_a] + speech + [eoa, task] + answer + [eot]."""
+    frames = n_encoder_frames(int(seconds * sampling_rate), sampling_rate, max_frames)
+    return n_adapter_frames(frames, frame_stack) + PROMPT_EXTRA + text_tokens + ANSWER_EXTRA
+
+
+def dry_run(recipe: Recipe, stage_names: Sequence[str], gpus_per_node: int = 8, nodes: int = 1,
+            speech_seconds: float | None = None, text_tokens: int | None = None) -> DryRun:
+    if recipe.encoder is None or recipe.llm is None:
+        raise DryRunError(f"recipe '{recipe.name}' builds its stand-in checkpoints at run time (their vocabulary "
+                          "comes from the corpus), so there is no config to size; use --recipe mini-omni or give "
+                          "--encoder and --llm")
+    if gpus_per_node < 1 or nodes < 1:
+        raise DryRunError(f"--gpus and --nodes must be >= 1, got {gpus_per_node}, {nodes}")
+    encoder_dir, encoder_line = config_folder(recipe.encoder, "encoder")
+    llm_dir, llm_line = config_folder(recipe.llm, "llm")
+    model, pretrained = build_meta_model(encoder_dir, llm_dir, recipe.frame_stack, recipe.adapter_hidden, recipe.encoder)
+    sampling_rate = _sampling_rate(encoder_dir)
+    seconds = speech_seconds if speech_seconds is not None else DEFAULT_SPEECH_SECONDS
+    tokens = text_tokens if text_tokens is not None else round(TEXT_TOKENS_PER_SECOND * seconds)
+    max_frames = model.encoder.config.max_source_positions
+    seq_len = sequence_length(seconds, tokens, recipe.frame_stack, sampling_rate, max_frames)
+    largest = largest_layer(model)
+    reports = []
+    for name in stage_names:
+        spec = recipe.stage(name)
+        set_trainable(model, spec.trainable, spec.train_text_specials)
+        summary = parameter_summary(model)
+        modules = {m: (*summary[m], count(p for p in getattr(model, m).parameters() if p.requires_grad)) for m in MODULES}
+        in_opt = sum(v[2] for v in modules.values())
+        frozen = count(model.parameters()) - in_opt
+        reports.append(StageReport(spec, modules, memory_per_gpu(in_opt, frozen, largest, gpus_per_node, nodes)))
+    return DryRun(recipe=recipe, sources=[encoder_line, llm_line], llm_pretrained=pretrained,
+                  llm_grown=count(model.llm.parameters()), text_vocab=model.layout.text_vocab,
+                  total_vocab=model.layout.total, gpus_per_node=gpus_per_node, nodes=nodes, speech_seconds=seconds,
+                  text_tokens=tokens, seq_len=seq_len, stages=reports)
+
+
+def _sampling_rate(encoder_dir: Path) -> int:
+    file = encoder_dir / "preprocessor_config.json"
+    if not file.is_file():
+        return 16_000  # every Whisper checkpoint's rate
+    try:
+        return int(json.loads(file.read_text())["sampling_rate"])
+    except (json.JSONDecodeError, KeyError, ValueError) as err:
+        raise DryRunError(f"{file}: no readable sampling_rate ({err})") from err
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_dry_run(result: DryRun) -> str:
+    r = result.recipe
+    per_gpu = r.batch_size / result.world
+    lines = [
+        f"dry run: recipe '{r.name}', {result.nodes} node(s) x {result.gpus_per_node} GPU(s) = {result.world} processes; "
+        "model built on the meta device (no weights read or downloaded)",
+        *(f"  {s}" for s in result.sources),
+        f"  LLM: {result.llm_pretrained:,} parameters as published; {result.llm_grown:,} after growing the vocabulary "
+        f"{result.text_vocab:,} -> {result.total_vocab:,} rows",
+        f"sequence: {result.speech_seconds:g} s speech -> {result.seq_len - PROMPT_EXTRA - result.text_tokens - ANSWER_EXTRA} "
+        f"speech positions + {PROMPT_EXTRA} prompt tokens + {result.text_tokens} text tokens + eot = {result.seq_len} positions "
+        "(--speech-seconds / --text-tokens change it)",
+        f"tokens per optimizer step: {r.batch_size} rows (global) x {r.grad_accum} accumulation x {result.seq_len} = "
+        f"{result.tokens_per_step:,} ({per_gpu:g} rows per GPU per micro-step"
+        + ("; not a whole number: batch_size should divide by the process count" if per_gpu != int(per_gpu) else "") + ")",
+    ]
+    for rep in result.stages:
+        s = rep.stage
+        extra = " (+ the 64 new text-special rows of the tied/untied embedding and output layer)" if s.train_text_specials and "llm" not in s.trainable else ""
+        lines += ["", f"stage {s.name} ({s.min_steps:,}-{s.max_steps:,} steps, up to "
+                      f"{result.tokens_per_step * s.max_steps / 1e9:.2f} B tokens): trains {' + '.join(s.trainable)}{extra}",
+                  f"  {'module':<8} {'total':>13} {'trainable':>13} {'in optimizer':>13}"]
+        for m, (total, trainable, in_opt) in rep.modules.items():
+            lines.append(f"  {m:<8} {total:>13,} {trainable:>13,} {in_opt:>13,}")
+        lines.append(f"  {'all':<8} {sum(v[0] for v in rep.modules.values()):>13,} "
+                     f"{sum(v[1] for v in rep.modules.values()):>13,} {rep.in_optimizer:>13,}")
+        lines.append(f"  model-state memory, GiB ({result.world} GPUs; activations not included)")
+        lines.append(f"  {'profile':<14} {'weights':>8} {'grad+optim':>11} {'gathered':>9} {'GPU total':>10} {'CPU/node':>9}")
+        for mem in rep.memory:
+            lines.append(f"  {mem.profile:<14} {_gib(mem.weights):>8} {_gib(mem.grads_optim):>11} {_gib(mem.gathered):>9} "
+                         f"{_gib(mem.gpu_total):>10} {_gib(mem.cpu_per_node):>9}")
+    lines += ["", "'in optimizer' counts whole tensors that get gradients: with train_text_specials the full embedding "
+                  "(and output) tensor reaches Adam although a gradient mask leaves all but 64 rows unchanged.",
+              "Memory: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs on the parameters in the optimizer, "
+              "plus frozen weights in bf16 (ddp: fp32 weights + 12 bytes per trainable parameter)."]
+    return "\n".join(lines)
+
+
+def main_dry_run(recipe: Recipe, stage: str, gpus_per_node: int, nodes: int, speech_seconds: float | None,
+                 text_tokens: int | None) -> int:
+    """run.py's --dry-run branch: print the report; exit code 0, or 2 on a config problem."""
+    from training.stages import STAGE_NAMES
+
+    try:
+        result = dry_run(recipe, list(STAGE_NAMES) if stage == "all" else [stage], gpus_per_node, nodes,
+                         speech_seconds, text_tokens)
+    except DryRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_dry_run(result))
+    return 0
