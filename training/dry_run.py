@@ -267,7 +267,7 @@ def format_dry_run(result: DryRun) -> str:
     ]
     for rep in result.stages:
         s = rep.stage
-        extra = " (+ the 64 new text-special rows of the tied/untied embedding and output layer)" if s.train_text_specials and "llm" not in s.trainable else ""
+        extra = " (+ the 64 new text-special rows of the embedding and output layer)" if s.train_text_specials and "llm" not in s.trainable else ""
         lines += ["", f"stage {s.name} ({s.min_steps:,}-{s.max_steps:,} steps, up to "
                       f"{result.tokens_per_step * s.max_steps / 1e9:.2f} B tokens): trains {' + '.join(s.trainable)}{extra}",
                   f"  {'module':<8} {'total':>13} {'trainable':>13} {'in optimizer':>13}"]
