@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="append the figures here as one JSON line")
     args = parser.parse_args()
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(recipe)
     spec = MINI_OMNI.stage(args.stage)
     with tempfile.TemporaryDirectory() as tmp:
         paths = save_untrained_checkpoints(Path(tmp) / f"rank{accelerator.process_index}",
@@ -75,9 +75,11 @@ def main() -> None:
     dim = model.encoder.config.d_model
 
     rows = [{"n_frames": frames, "encoder_states": rng.standard_normal((frames, dim), dtype=np.float32),
-             "text_ids": rng.integers(0, 1000, args.answer_tokens), "text": ""} for _ in range(2 * args.batch_size)]
-    # DeepSpeed's "auto" micro-batch reads the dataloader's integer batch_size
-    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, collate_fn=collate)
+             "text_ids": rng.integers(0, 1000, args.answer_tokens), "text": ""}
+            for _ in range(2 * args.batch_size * accelerator.num_processes)]
+    # Batches are global and split across processes (as in training); DeepSpeed's "auto"
+    # micro-batch reads the dataloader's integer batch_size.
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size * accelerator.num_processes, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     device_batches = list(loader)
     positions = device_batches[0]["input_ids"].shape[-1] * args.batch_size

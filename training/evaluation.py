@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import evaluate
 import torch
@@ -26,14 +27,30 @@ def load_wer_metric() -> evaluate.EvaluationModule:
     return evaluate.load(str(WER_METRIC_DIR))
 
 
+def all_ranks_finished(accelerator: Accelerator) -> Callable[[bool], bool] | None:
+    """For lock-step decoding on several processes: True once every rank is finished."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def finished(local: bool) -> bool:
+        unfinished = torch.tensor([0.0 if local else 1.0], device=accelerator.device)
+        return float(accelerator.reduce(unfinished, reduction="sum")) == 0.0
+
+    return finished
+
+
 @torch.no_grad()
 def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
-    """Greedy transcripts and their references, gathered across processes, each utterance once."""
+    """Greedy transcripts and their references, gathered across processes, each utterance once.
+
+    Every rank decodes the same number of batches (Accelerate pads the last one by repeating
+    rows; gather_for_metrics drops the repeats) and the same number of steps per batch."""
     unwrapped = accelerator.unwrap_model(model)
     predictions, references = [], []
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sync = all_ranks_finished(accelerator)
     for batch in loader:
-        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens, stops)
+        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens, stops, sync)
         texts = [tokenizer.decode(strip_text_answer(unwrapped.layout, row, stops)) for row in ids]
         predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
         references += accelerator.gather_for_metrics(batch["texts"], use_gather_object=True)
@@ -58,14 +75,16 @@ def evaluate_wer(accelerator: Accelerator, model, loader: DataLoader, tokenizer,
 
 @torch.no_grad()
 def heldout_loss(accelerator: Accelerator, model, loader: DataLoader) -> float:
-    """Token-weighted text loss over the whole split (the early-stop signal)."""
+    """Token-weighted loss over the whole split (the early-stop signal); per-row sums are
+    gathered so that rows repeated to even out the last batch across ranks count once."""
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)
+    totals = []
     for batch in loader:
         out = model(**model_inputs(batch))
-        total += torch.stack([out["stream_loss_sum"].sum(), out["stream_count"].sum()])
+        rows = torch.stack([out["row_loss_sum"].sum(-1), out["row_count"].sum(-1)], dim=-1)  # [B, 2]
+        totals.append(accelerator.gather_for_metrics(rows).sum(0))
     model.train()
-    total = accelerator.reduce(total, reduction="sum")
+    total = torch.stack(totals).sum(0)
     return float(total[0] / total[1])
 
 

@@ -9,19 +9,21 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                               set_seed)
 
 from training import data as data_lib
 from training.checkpoint import TRAINER_STATE, StageCheckpoints, atomic_dir, read_json, write_json_atomic
 from training.evaluation import evaluate_wer, heldout_loss, model_inputs
 from training.model import OmniModel, build_model, is_omni_export, load_omni, parameter_summary, save_omni, set_trainable
-from training.stages import STAGE_NAMES, Recipe, StageSpec, lr_at
+from training.stages import STAGE_NAMES, Recipe, RecipeError, StageSpec, lr_at
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
 RECORD = "run_record.json"
@@ -33,6 +35,10 @@ class StageOrderError(RuntimeError):
 
 class Preempted(RuntimeError):
     """Stopped on SIGTERM/SIGUSR1/SIGINT after saving a checkpoint."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss (checkpoint saved)."""
 
 
 class WerGateFailed(RuntimeError):
@@ -69,13 +75,51 @@ class RunContext:
 # Setup helpers
 
 
-def make_accelerator(gradient_accumulation_steps: int = 1) -> Accelerator:
-    """The Accelerator for this launch. On CPU, several processes or DeepSpeed need the gloo
-    backend (without it ranks fail or each acts as main); GPUs get NCCL by default."""
+def resolve_precision(precision: str) -> str:
+    """The recipe's precision policy as Accelerate's mixed_precision: bf16 where the hardware has
+    it, fp32 on CPU (bf16 matmuls there are slow and the demo is small)."""
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "no" if precision == "fp32" else precision
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The Accelerator for this launch.
+
+    - split_batches: the recipe's batch_size is the GLOBAL batch; each of N processes gets 1/N of
+      every batch, so a run is the same computation on 1 GPU or 8 (see global_token_loss).
+    - On CPU, several processes or DeepSpeed need the gloo backend (without it ranks fail or each
+      acts as main); GPUs get NCCL by default.
+    - Precision comes from the recipe, not the launch config (one source of truth)."""
+    # DeepSpeed 0.19 still calls torch.distributed's old collective names; torch warns on every call.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     on_cpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
-    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers)
+    # One optimizer step is always exactly grad_accum micro-batches, across epoch boundaries too.
+    accumulation = GradientAccumulationPlugin(num_steps=recipe.grad_accum, sync_with_dataloader=False)
+    # cpu=True turns a torchrun launch on a GPU-less machine into gloo DDP (without it each rank
+    # runs alone: doubled work, no gradient averaging); DeepSpeed handles CPU itself and must not get it.
+    return Accelerator(cpu=on_cpu and not deepspeed, gradient_accumulation_plugin=accumulation, mixed_precision=resolve_precision(recipe.precision),
+                       dataloader_config=DataLoaderConfiguration(split_batches=True), kwargs_handlers=handlers)
+
+
+def check_launch(acc: Accelerator, recipe: Recipe) -> None:
+    """Fail early, naming the knob, where the launch and the recipe disagree."""
+    if recipe.batch_size % acc.num_processes or recipe.eval_batch_size % acc.num_processes:
+        raise RecipeError(f"recipe '{recipe.name}': batch_size {recipe.batch_size} and eval_batch_size "
+                              f"{recipe.eval_batch_size} are global and must divide by the {acc.num_processes} processes")
+    plugin = acc.state.deepspeed_plugin if acc.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None:
+        # The recipe owns clipping; a DeepSpeed JSON with "auto" takes it from here (Accelerate
+        # would otherwise fill in 1.0), a JSON with a different number is refused.
+        clip = plugin.deepspeed_config.get("gradient_clipping", "auto")
+        if clip == "auto":
+            plugin.deepspeed_config["gradient_clipping"] = recipe.max_grad_norm
+        elif float(clip) != recipe.max_grad_norm:
+            raise RecipeError(f"DeepSpeed config sets gradient_clipping {clip}, the recipe max_grad_norm "
+                                  f"{recipe.max_grad_norm}: set it to \"auto\" in the JSON")
 
 
 def load_data_and_pretrained(ctx: RunContext) -> None:
@@ -249,6 +293,7 @@ class StageRun:
         ctx, recipe, spec, acc = self.ctx, self.ctx.recipe, self.spec, self.ctx.accelerator
         self.started = time.time()
         self.source = initial_weights(ctx, self.stage)
+        check_launch(acc, recipe)
         set_seed(recipe.seed)
         model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
         set_trainable(model, spec.trainable, spec.train_text_specials)
@@ -275,7 +320,8 @@ class StageRun:
 
         self.fingerprint = recipe_fingerprint(recipe, spec)
         self.state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": math.inf, "evals_since_best": 0,
-                      "seconds": 0.0, "losses": [], "recipe": self.fingerprint}
+                      "seconds": 0.0, "losses": [], "skipped_steps": 0, "nonfinite_in_a_row": 0,
+                      "recipe": self.fingerprint}
         self.resume()
 
     def resume(self) -> None:
@@ -331,17 +377,16 @@ class StageRun:
                 lr = lr_at(spec, state["step"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                micro_losses = []
-                for _ in range(recipe.grad_accum):
-                    batch = self.next_batch()
-                    with acc.accumulate(model):
-                        out = model(**model_inputs(batch))
-                        acc.backward(out["loss"])
-                        if acc.sync_gradients and recipe.max_grad_norm > 0:
-                            acc.clip_grad_norm_(trainable, recipe.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad()
-                    micro_losses.append(out["loss"].detach())
+                micro_losses = self.accumulate_step()
+                if micro_losses is not None:
+                    if recipe.max_grad_norm > 0:  # DeepSpeed clips inside its step (the value is the recipe's)
+                        acc.clip_grad_norm_(trainable, recipe.max_grad_norm)
+                    optimizer.step()
+                optimizer.zero_grad()
+                if micro_losses is None:
+                    self.skipped_step(signals)
+                    continue
+                state["nonfinite_in_a_row"] = 0
                 loss = float(acc.reduce(torch.stack(micro_losses).mean(), reduction="mean"))
                 state["step"] += 1
                 state["losses"].append(loss)
@@ -364,6 +409,63 @@ class StageRun:
                              f"exiting with {REQUEUE_EXIT_CODE} (rerun the same command to resume)")
                     raise Preempted(signals.requested)
         self.log(f"stopped at step {state['step']} ({self.stop_reason})")
+
+    def global_token_loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """This rank's share of the global batch's loss, and whether the global loss is finite.
+
+        The loss is each stream's CE summed over its tokens on ALL ranks divided by the stream's
+        global token count, averaged over streams. Each rank divides its own sums by the global
+        counts (one all-reduce of 9 numbers) and scales by N, because DDP and DeepSpeed average
+        gradients over ranks: the update then equals the 1-process one on the same global batch,
+        whatever the split of tokens between ranks."""
+        acc = self.ctx.accelerator
+        sums, counts = out["row_loss_sum"].sum(0), out["row_count"].sum(0)
+        bad = (~torch.isfinite(sums.detach()).all()).float()[None]
+        reduced = acc.reduce(torch.cat([counts, bad]), reduction="sum") if acc.num_processes > 1 else torch.cat([counts, bad])
+        global_counts, finite = reduced[:-1], bool(reduced[-1] == 0)
+        present = global_counts > 0
+        if not bool(present.any()):
+            return out["loss"] * 0.0, finite
+        share = (sums[present] / global_counts[present]).sum() / present.sum() * acc.num_processes
+        return share, finite
+
+    def accumulate_step(self) -> list[torch.Tensor] | None:
+        """Forward/backward over grad_accum micro-batches; None if one had a non-finite loss (the
+        step is then skipped: its data is consumed, no update is applied)."""
+        acc, model = self.ctx.accelerator, self.model
+        losses: list[torch.Tensor] | None = []
+        for _ in range(self.ctx.recipe.grad_accum):
+            batch = self.next_batch()
+            with acc.accumulate(model):  # entered every micro-step: Accelerate counts them for sync
+                if losses is None:
+                    continue
+                loss, finite = self.global_token_loss(model(**model_inputs(batch)))
+                if not finite:
+                    if losses and acc.distributed_type == DistributedType.DEEPSPEED:
+                        # DeepSpeed's engine already holds this step's partial gradients and has no
+                        # way to drop them: stop rather than apply a corrupted update.
+                        raise NonFiniteLoss(f"[{self.stage}] non-finite loss in micro-batch {len(losses) + 1} of step "
+                                            f"{self.state['step'] + 1} under DeepSpeed with grad_accum > 1; "
+                                            f"the last checkpoint is intact")
+                    losses = None
+                    continue
+                acc.backward(loss)
+                losses.append(loss.detach())
+        return losses
+
+    def skipped_step(self, signals: StopSignals) -> None:
+        state, patience = self.state, self.ctx.recipe.nonfinite_patience
+        state["skipped_steps"] += 1
+        state["nonfinite_in_a_row"] += 1
+        self.log(f"step {state['step'] + 1}: non-finite loss, update skipped "
+                 f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in this stage)")
+        if state["nonfinite_in_a_row"] >= patience or signals.requested:
+            self.save_checkpoint()
+        if state["nonfinite_in_a_row"] >= patience:
+            raise NonFiniteLoss(f"[{self.stage}] {patience} steps in a row had a non-finite loss (step {state['step']}); "
+                                f"checkpoint saved in {self.dir}. Lower the LR peak, check the data, or use fp32.")
+        if signals.requested:
+            raise Preempted(signals.requested)
 
     def early_stopping(self) -> bool:
         """Evaluate the early-stop split; True once it has been flat for `patience` evals past min_steps."""
@@ -399,9 +501,10 @@ class StageRun:
         final_dir = self.dir / "final"
         state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 shards: every process takes part
         if acc.is_main_process:
-            llm_state = {k.removeprefix("llm."): v for k, v in state_dict.items() if k.startswith("llm.")}
+            part = lambda prefix: {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
             with atomic_dir(final_dir) as tmp:
-                save_omni(acc.unwrap_model(self.model), tmp, self.tokenizer, self.feature_extractor, llm_state=llm_state)
+                save_omni(acc.unwrap_model(self.model), tmp, self.tokenizer, self.feature_extractor,
+                          llm_state=part("llm."), adapter_state=part("adapter."))
         acc.wait_for_everyone()
         return final_dir
 

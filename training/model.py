@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,10 @@ class OmniModel(nn.Module):
                 encoder_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss = mean over streams (that have labels) of each stream's token-mean CE.
 
+        Also returns per-row, per-stream CE sums and label counts ([B, 8]), so a caller can
+        normalize by the token count of the whole global batch (identical losses on 1 or N
+        processes) and score each evaluation row exactly once.
+
         Logits are computed only at labelled positions: the other ~90 % of a speech batch never
         needs the 181k-wide output projection.
         """
@@ -123,19 +127,23 @@ class OmniModel(nn.Module):
         hidden = self.llm.model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, :, 1:].permute(0, 2, 1)  # [B, T-1, 8]: position t predicts t+1
         scored = (targets != IGNORE).any(dim=-1)
+        rows = scored.nonzero()[:, 0]  # batch row of each scored position
         hidden = hidden[:, :-1][scored]  # [N, d]
         targets = targets[scored]  # [N, 8]
-        sums = hidden.new_zeros(N_AUDIO_LAYERS + 1, dtype=torch.float32)
-        counts = hidden.new_zeros(N_AUDIO_LAYERS + 1, dtype=torch.float32)
+        n_streams = N_AUDIO_LAYERS + 1
+        row_sums = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
+        row_counts = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
         for stream, (start, end) in enumerate(self.layout.stream_slices()):
             keep = targets[:, stream] != IGNORE
             if bool(keep.any()):
                 logits = self.stream_logits(hidden[keep], start, end).float()
-                sums[stream] = F.cross_entropy(logits, targets[keep, stream] - start, reduction="sum")
-                counts[stream] = keep.sum()
+                ce = F.cross_entropy(logits, targets[keep, stream] - start, reduction="none")
+                row_sums[:, stream] = row_sums[:, stream].index_add(0, rows[keep], ce)
+                row_counts[:, stream] = row_counts[:, stream].index_add(0, rows[keep], torch.ones_like(ce))
+        sums, counts = row_sums.sum(0), row_counts.sum(0)
         present = counts > 0
         loss = (sums[present] / counts[present]).mean() if bool(present.any()) else hidden.sum() * 0.0
-        return {"loss": loss, "stream_loss_sum": sums.detach(), "stream_count": counts}
+        return {"loss": loss, "row_loss_sum": row_sums, "row_count": row_counts}
 
     def stream_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits over one stream's slice of the vocabulary. Multiplying by just that slice of the
@@ -150,9 +158,12 @@ class OmniModel(nn.Module):
 
     @torch.no_grad()
     def greedy_asr(self, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor, max_new_tokens: int,
-                   stop_ids: Sequence[int] = ()) -> list[list[int]]:
+                   stop_ids: Sequence[int] = (), all_finished: Callable[[bool], bool] | None = None) -> list[list[int]]:
         """Batched greedy ASR decoding with a KV cache; prompts are left-padded. A row ends at eot
-        (or at any of stop_ids, e.g. the LLM's own end-of-text token) and then repeats eot."""
+        (or at any of stop_ids, e.g. the LLM's own end-of-text token) and then repeats eot.
+
+        all_finished(local) -> global: under ZeRO-3 every forward gathers parameters from all
+        ranks, so all ranks must take the same number of steps; the caller reduces across them."""
         layout = self.layout
         device = encoder_states.device
         k = self.config.frame_stack
@@ -184,7 +195,10 @@ class OmniModel(nn.Module):
             token = torch.where(done, torch.full_like(token, layout.eot), token)
             generated = torch.cat([generated, token[:, None]], dim=1)
             done |= torch.isin(token, stops)
-            if bool(done.all()):
+            finished = bool(done.all())
+            if all_finished is not None:
+                finished = all_finished(finished)
+            if finished:
                 break
             column = filler[None, :].repeat(batch, 1)
             column[:, TEXT_ROW] = token
@@ -265,14 +279,17 @@ def build_model(encoder_path: str, llm_path: str, frame_stack: int, adapter_hidd
 
 
 def save_omni(model: OmniModel, path: Path, tokenizer: PreTrainedTokenizerBase,
-              feature_extractor: WhisperFeatureExtractor, llm_state: dict | None = None) -> None:
+              feature_extractor: WhisperFeatureExtractor, llm_state: dict | None = None,
+              adapter_state: dict | None = None) -> None:
     """Hugging Face-style export: llm/ (grown vocab) + tokenizer, adapter weights, the encoder's
-    reference and feature extractor, and omni_config.json describing the whole model."""
+    reference and feature extractor, and omni_config.json describing the whole model.
+    llm_state/adapter_state: whole weights gathered from a sharded (ZeRO-3) model."""
     path.mkdir(parents=True, exist_ok=True)
     model.llm.save_pretrained(path / "llm", state_dict=llm_state)
     tokenizer.save_pretrained(path / "llm")
     feature_extractor.save_pretrained(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.adapter.state_dict().items()}, path / ADAPTER_WEIGHTS)
+    adapter_state = model.adapter.state_dict() if adapter_state is None else adapter_state
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, path / ADAPTER_WEIGHTS)
     (path / OMNI_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
 
 

@@ -1,7 +1,7 @@
 """Train Mini-Omni's three stages: `accelerate launch training/run.py --stage all`.
 
-Exit codes: 0 done; 2 bad input or stage order; 3 a WER gate stopped the run;
-75 stopped on a signal with a checkpoint saved (rerun the same command to resume).
+Exit codes: 0 done; 2 bad input or stage order; 3 a WER gate stopped the run; 4 the loss stayed
+non-finite (checkpoint saved); 75 stopped on a signal with a checkpoint saved (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -76,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # Heavy imports only once the arguments are known to be good.
     from training.data import DataError
-    from training.loop import (REQUEUE_EXIT_CODE, Preempted, RunContext, StageOrderError, WerGateFailed,
+    from training.loop import (REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, RunContext, StageOrderError, WerGateFailed,
                                format_wer_table, initial_weights, load_data_and_pretrained, make_accelerator,
                                run_stage)
 
-    accelerator = make_accelerator(recipe.grad_accum)
+    accelerator = make_accelerator(recipe)
     ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
                      init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
     stages = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
-    ctx.log(f"recipe '{recipe.name}', stages {stages}, output {args.output_dir}\n{format_stage_table(recipe)}")
+    ctx.log(f"recipe '{recipe.name}', stages {stages}, output {args.output_dir}\n"
+            f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
+            f"precision {accelerator.mixed_precision}, global batch {recipe.batch_size} x {recipe.grad_accum} accumulation\n"
+            f"{format_stage_table(recipe)}")
     code = 0
     try:
         initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except WerGateFailed as err:
         ctx.log(f"stopped: {err}")
         code = 3
+    except NonFiniteLoss as err:
+        ctx.log(f"stopped: {err}")
+        code = 4
     except Preempted:
         code = REQUEUE_EXIT_CODE
     splits = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])

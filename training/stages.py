@@ -140,8 +140,10 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     frame_stack: int = 1  # encoder frames stacked into one adapter input (Mini-Omni uses 1)
     adapter_hidden: int | None = None  # gated-MLP width; None = 4 x LLM hidden size
-    batch_size: int = 8  # per process, per micro-step
+    batch_size: int = 8  # GLOBAL rows per micro-step, split across processes (same run on 1 or N)
     grad_accum: int = 1
+    precision: str = "auto"  # "auto": bf16 on a GPU that has it, else fp32; or "bf16" / "fp32"
+    nonfinite_patience: int = 5  # a non-finite loss skips the step; this many in a row stop the run
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0
@@ -171,6 +173,10 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}': frame_stack, batch_size, grad_accum must be >= 1")
         if (self.encoder is None) != (self.llm is None):
             raise RecipeError(f"recipe '{self.name}': give both encoder and llm, or neither (demo stand-ins)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise RecipeError(f"recipe '{self.name}': precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.nonfinite_patience < 1:
+            raise RecipeError(f"recipe '{self.name}': nonfinite_patience must be >= 1")
         if self.standin_scale not in ("full", "quick") or self.corpus_scale not in ("full", "quick"):
             raise RecipeError(f"recipe '{self.name}': standin_scale and corpus_scale are 'full' or 'quick'")
 
@@ -198,7 +204,7 @@ MINI_OMNI = Recipe(
     # Mini-Omni's adapter (litgpt whisperMLP) is as wide as the LLM's MLP: Qwen2-0.5B's
     # intermediate_size. Keeping that width lets training.export write their checkpoint format.
     adapter_hidden=4864,
-    batch_size=8,
+    batch_size=64,  # global: 8 per GPU on 8 GPUs (use grad_accum on fewer)
 )
 
 # The embedded CPU demo: the SAME table with every step range divided by 50 (asr 200-400,

@@ -1,0 +1,140 @@
+"""Hardware profiles are config files: 2-process DDP, ZeRO-2 and ZeRO-3 on CPU (gloo) compute the
+same training as 1 process, resume after SIGKILL, evaluate every utterance once and export
+weights that reload in a single process.
+
+Tolerance: the runs do the same fp32 arithmetic in a different order (each rank sums its half of
+the batch, gloo then sums the halves; ZeRO shards the Adam update). That moves a loss by ~1e-7
+per step, and Adam can amplify such differences a little over steps; 1e-4 absolute over 10 steps
+is two orders above the ~1e-6 seen and far below the loss change per step (~0.1-0.5).
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from accelerate import Accelerator
+
+from training import data as data_lib
+from training.checkpoint import StageCheckpoints
+from training.evaluation import evaluate_wer, heldout_loss
+from training.loop import RunContext, load_data_and_pretrained, prepared_splits
+from training.model import build_model, load_omni, row_tables
+from training.stages import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 10
+TOLERANCE = 1e-4
+
+
+def _launch(profile: str, recipe: str, cache_dir: Path, out: Path, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / profile),
+           str(ROOT / "training" / "run.py"), "--stage", "asr", "--recipe", recipe, "--output-dir", str(out),
+           "--cache-dir", str(cache_dir), "--max-steps", str(STEPS)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _run(profile: str, recipe: str, cache_dir: Path, out: Path) -> dict:
+    proc = _launch(profile, recipe, cache_dir, out)
+    output, _ = proc.communicate(timeout=900)
+    record = json.loads((out / "run_record.json").read_text()) if (out / "run_record.json").exists() else {}
+    done = record.get("stages", {}).get("asr", {}).get("complete")
+    # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run
+    # (DESIGN.md §6): the run is judged by its record and final log line then.
+    assert done and (proc.returncode == 0 or "[asr] done:" in output), output[-4000:]
+    return {"losses": _losses(out), "record": record["stages"]["asr"], "output": output, "dir": out}
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "asr" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, quick_recipe) -> str:
+    raw = json.loads(Path(quick_recipe).read_text())
+    raw.update(name="demo-distributed", save_every=5)
+    path = tmp_path_factory.mktemp("distributed") / "recipe.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def single(recipe, cache_dir, tmp_path_factory) -> dict:
+    return _run("cpu.yaml", recipe, cache_dir, tmp_path_factory.mktemp("single"))
+
+
+@pytest.fixture(scope="module")
+def zero3(recipe, cache_dir, tmp_path_factory) -> dict:
+    return _run("cpu_zero3.yaml", recipe, cache_dir, tmp_path_factory.mktemp("zero3"))
+
+
+def _assert_same_losses(run: dict, reference: dict) -> float:
+    assert len(run["losses"]) == len(reference["losses"]) == STEPS
+    worst = max(abs(a - b) for a, b in zip(run["losses"], reference["losses"]))
+    print(f"largest per-step loss difference: {worst:.2e}")
+    assert worst < TOLERANCE, (run["losses"], reference["losses"])
+    return worst
+
+
+@pytest.mark.parametrize("profile", ["cpu_ddp.yaml", "cpu_zero2.yaml"])
+def test_two_processes_match_one(profile, recipe, cache_dir, tmp_path, single):
+    run = _run(profile, recipe, cache_dir, tmp_path)
+    assert "2 processes" in run["output"]
+    _assert_same_losses(run, single)
+
+
+def test_zero3_matches_one_process_and_keeps_frozen_weights(zero3, single, recipe, cache_dir):
+    assert "2 processes" in zero3["output"] and "DEEPSPEED" in zero3["output"]
+    _assert_same_losses(zero3, single)
+    # asr under ZeRO-3: encoder and every LLM row but the text specials are the pretrained ones
+    ctx = RunContext(recipe=load_recipe(recipe), output_dir=zero3["dir"], cache_dir=cache_dir, accelerator=Accelerator())
+    load_data_and_pretrained(ctx)
+    start, _, _ = build_model(*ctx.pretrained, frame_stack=ctx.recipe.frame_stack)
+    trained, _, _ = load_omni(zero3["dir"] / "asr" / "final")
+    layout = start.layout
+    for before, after in zip(row_tables(start.llm), row_tables(trained.llm)):
+        assert torch.equal(before[: layout.text_vocab], after[: layout.text_vocab])
+        assert torch.equal(before[layout.text_size :], after[layout.text_size :])
+        assert not torch.equal(before[layout.text_vocab : layout.text_size], after[layout.text_vocab : layout.text_size])
+    assert all(torch.equal(a, b) for a, b in zip(start.encoder.state_dict().values(), trained.encoder.state_dict().values()))
+
+
+def test_zero3_export_reloads_in_one_process_with_same_wer_and_loss(zero3, recipe, cache_dir):
+    """The consolidated ZeRO-3 export, evaluated by a single process, gives the held-out loss and
+    WER the 2-process ZeRO-3 run measured on its sharded weights, over every utterance once."""
+    acc = Accelerator()
+    ctx = RunContext(recipe=load_recipe(recipe), output_dir=zero3["dir"], cache_dir=cache_dir, accelerator=acc)
+    load_data_and_pretrained(ctx)
+    model, tokenizer, feature_extractor = load_omni(zero3["dir"] / "asr" / "final")
+    heldout = prepared_splits(ctx, model, feature_extractor, tokenizer)["heldout"]
+    loader = data_lib.eval_loader(heldout, model.layout, ctx.recipe.frame_stack, ctx.recipe.eval_batch_size)
+    scores, _ = evaluate_wer(acc, model, loader, tokenizer, ctx.recipe.max_new_tokens)
+    sharded = zero3["record"]["wer"]["heldout"]
+    assert sharded["utterances"] == scores["utterances"] == len(heldout) == 40
+    assert sharded["words"] == scores["words"]
+    assert sharded["wer"] == pytest.approx(scores["wer"], abs=1e-9)
+    assert zero3["record"]["heldout_loss"] == pytest.approx(heldout_loss(acc, model, loader), abs=1e-5)
+
+
+def test_zero3_resume_after_sigkill_gives_same_losses(zero3, recipe, cache_dir, tmp_path):
+    proc = _launch("cpu_zero3.yaml", recipe, cache_dir, tmp_path)
+    metrics = tmp_path / "asr" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            # the launcher and both ranks (the elastic agent starts ranks in sessions of their own)
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.communicate(timeout=120)
+    saved = StageCheckpoints(tmp_path / "asr", keep_last=2).latest()
+    assert saved is not None and json.loads((saved / "trainer_state.json").read_text())["step"] == 5
+    resumed = _run("cpu_zero3.yaml", recipe, cache_dir, tmp_path)
+    assert f"resumed from {saved} at step 5" in resumed["output"]
+    assert resumed["losses"] == pytest.approx(zero3["losses"], abs=1e-6)

@@ -1,0 +1,67 @@
+"""The non-finite loss guard and the launch checks."""
+
+import dataclasses
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from training.checkpoint import StageCheckpoints, read_json, TRAINER_STATE
+from training.loop import NonFiniteLoss, RunContext, StageRun, check_launch, load_data_and_pretrained, resolve_precision
+from training.stages import RecipeError, load_recipe
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(quick_recipe, cache_dir, tmp_path):
+    recipe = dataclasses.replace(load_recipe(quick_recipe), nonfinite_patience=3)
+    ctx = RunContext(recipe=recipe, output_dir=tmp_path, cache_dir=cache_dir, accelerator=Accelerator(), max_steps=12)
+    load_data_and_pretrained(ctx)
+    run = StageRun(ctx, "asr")
+    run.setup()
+    model = ctx.accelerator.unwrap_model(run.model)
+    forward, calls, snapshots = model.forward, itertools.count(), {}
+    poisoned = {3, 4} | set(range(8, 100))  # forward calls 3-4: skipped steps; from 8 on: 3 in a row stop it
+
+    def patched(**inputs):
+        call = next(calls)
+        if call in (3, 5):  # before the first poisoned step, and after the two skipped ones
+            snapshots[call] = [p.detach().clone() for p in model.adapter.parameters()]
+        out = forward(**inputs)
+        if call in poisoned:
+            out["row_loss_sum"] = out["row_loss_sum"] * float("nan")
+        return out
+
+    model.forward = patched
+    with pytest.raises(NonFiniteLoss, match="3 steps in a row had a non-finite loss"):
+        run.train()
+    state = run.state
+    assert state["step"] == 6 and state["skipped_steps"] == 5 and state["batches_in_epoch"] == 11
+    assert all(torch.isfinite(torch.tensor(state["losses"])))
+    # skipped steps applied no update (their data was consumed, nothing else)
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[5]))
+    latest = StageCheckpoints(run.dir, recipe.keep_last).latest()
+    assert read_json(latest / TRAINER_STATE)["step"] == 6
+
+
+def test_precision_policy_is_fp32_on_cpu():
+    assert not torch.cuda.is_available()
+    assert resolve_precision("auto") == "no"
+    assert resolve_precision("fp32") == "no"
+    assert resolve_precision("bf16") == "bf16"
+
+
+def test_launch_checks_name_the_knob(quick_recipe):
+    recipe = load_recipe(quick_recipe)  # global batch 16
+    three = SimpleNamespace(num_processes=3, distributed_type=DistributedType.MULTI_CPU)
+    with pytest.raises(RecipeError, match="batch_size 16 .* must divide by the 3 processes"):
+        check_launch(three, recipe)
+    config = {"gradient_clipping": 0.5}
+    deepspeed = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED,
+                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    with pytest.raises(RecipeError, match="gradient_clipping 0.5, the recipe max_grad_norm 1.0"):
+        check_launch(deepspeed, recipe)
+    config["gradient_clipping"] = "auto"
+    check_launch(deepspeed, recipe)
+    assert config["gradient_clipping"] == recipe.max_grad_norm
