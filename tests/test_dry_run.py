@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.dry_run import DryRun, DryRunError, build_meta_model, config_folder, dry_run
 from training.model import build_model, parameter_summary, set_trainable

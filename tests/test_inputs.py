@@ -1,8 +1,10 @@
 """Bad input gets an error that names the thing that is wrong."""
 
+import io
 import json
 
 import datasets
+import soundfile as sf
 import numpy as np
 import pytest
 
@@ -88,3 +90,73 @@ def test_recipe_value_of_wrong_type(tmp_path, capsys):
     code = main(["--stage", "asr", "--recipe", _recipe(tmp_path, stages={"asr": {"max_steps": "many"}})])
     assert code == 2
     assert "stages.asr.max_steps: expected an integer, got str 'many'" in capsys.readouterr().err
+
+
+# Input -> the message it must produce (through validation, before any encoding).
+BAD_INPUTS = [
+    ("text column of numbers", "column 'sentence': expected a string column, got Value('int64')"),
+    ("audio column of plain strings", "column 'speech': expected an Audio column (or {bytes, path})"),
+    ("transcript that normalizes to nothing", "row 1, column 'sentence': transcript '[noise]' is empty after normalization"),
+    ("audio with no samples", "row 3, column 'speech': cannot read audio (the audio is empty)"),
+    ("audio with NaN samples", "row 0, column 'speech': cannot read audio (the audio contains NaN or infinite samples)"),
+]
+
+
+def _bad_dataset(tmp_path, case: str) -> str:
+    good = {"speech": {"bytes": _wav(), "path": None}, "sentence": "the cat"}
+    rows = [dict(good) for _ in range(4)]
+    if case == "text column of numbers":
+        ds = datasets.Dataset.from_list([{"speech": r["speech"], "sentence": i} for i, r in enumerate(rows)])
+        path = tmp_path / "ds"
+        datasets.DatasetDict({"train": ds, "heldout": ds, "dev": ds}).save_to_disk(str(path))
+        return str(path)
+    if case == "audio column of plain strings":
+        ds = datasets.Dataset.from_list([{"speech": "a.wav", "sentence": "the cat"}] * 4)
+        path = tmp_path / "ds"
+        datasets.DatasetDict({"train": ds, "heldout": ds, "dev": ds}).save_to_disk(str(path))
+        return str(path)
+    if case == "transcript that normalizes to nothing":
+        rows[1]["sentence"] = "[noise]"
+    if case == "audio with no samples":
+        buffer = io.BytesIO()
+        sf.write(buffer, np.zeros(0, dtype="float32"), 16000, format="WAV", subtype="PCM_16")
+        rows[3]["speech"] = {"bytes": buffer.getvalue(), "path": None}
+    if case == "audio with NaN samples":
+        nan = np.full(16000, np.nan, dtype="float32")
+        buffer = io.BytesIO()
+        sf.write(buffer, nan, 16000, format="WAV", subtype="FLOAT")
+        rows[0]["speech"] = {"bytes": buffer.getvalue(), "path": None}
+    return _dataset(tmp_path, rows)
+
+
+@pytest.mark.parametrize("case, expected", BAD_INPUTS)
+def test_validate_data_names_each_bad_input(tmp_path, tiny_checkpoints, capsys, case, expected):
+    path = _bad_dataset(tmp_path, case)
+    code = _run(tmp_path, tiny_checkpoints, "--dataset", path, "--audio-column", "speech", "--text-column", "sentence",
+                "--validate-data")
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert f"dataset '{path}', split 'train'" in out and expected in out
+
+
+def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_path, tiny_checkpoints, capsys):
+    rows = [{"speech": {"bytes": _wav(1.0 + i / 10, sr=44100 if i % 2 else 16000), "path": None}, "sentence": "the cat sat"}
+            for i in range(10)]
+    rows[2]["sentence"] = ""
+    rows[5]["speech"] = {"bytes": b"garbage", "path": None}
+    path = _dataset(tmp_path, rows)
+    args = ("--dataset", path, "--audio-column", "speech", "--text-column", "sentence")
+    assert _run(tmp_path, tiny_checkpoints, *args, "--validate-data") == 2
+    out = capsys.readouterr().out
+    assert "2 bad rows in" in out and "row 2, column 'sentence'" in out and "row 5, column 'speech'" in out
+
+    assert _run(tmp_path, tiny_checkpoints, *args, "--validate-data", "--skip-bad-rows") == 0
+    out = capsys.readouterr().out
+    assert "checked all 10 rows: 2 bad; sample rates 16000 Hz x 4, 44100 Hz x 4 (4 resampled to 16000 Hz)" in out
+    assert "2 bad rows would be left out" in out
+
+    recipe = _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}})
+    code = _run(tmp_path, tiny_checkpoints, *args, "--skip-bad-rows", "--recipe", recipe)
+    assert code == 0, capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "run_record.json").read_text())
+    assert record["stages"]["asr"]["steps"] == 2 and record["stages"]["asr"]["skipped_rows"] == {"train": 2}

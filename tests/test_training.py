@@ -151,3 +151,27 @@ def test_later_stages_keep_their_frozen_modules(three_stages, quick_recipe, cach
     assert trained_modules == {"adapter", "llm"} - {m.rstrip(".") for m in frozen}
     held = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for n, p in model.named_parameters() if not n.startswith(frozen)}
+
+
+def test_run_report_and_tensorboard_scalars(three_stages):
+    """report.md with its plots, the plotted series equal to the logged steps, and TensorBoard
+    scalars for training (loss per stream and task, LR, grad norm, tokens/s, padding) and for
+    the stage boundaries (WER, held-out loss)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    report = (three_stages / "report.md").read_text()
+    series = json.loads((three_stages / "report" / "series.json").read_text())
+    for png in ("loss.png", "lr.png", "wer.png"):
+        assert f"report/{png}" in report
+        assert (three_stages / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("asr", "second", "final"):
+        logged = (three_stages / stage / "metrics.jsonl").read_text().splitlines()
+        assert len(series["stages"][stage]["loss"]) == len(series["stages"][stage]["lr"]) == len(logged) > 0
+        assert f"| {stage} |" in report
+    runs = EventMultiplexer().AddRunsFromDirectory(str(three_stages / "tensorboard"))
+    runs.Reload()
+    tags = {tag for run in runs.Runs().values() for tag in run["scalars"]}
+    for stage in ("asr", "second", "final"):
+        train = {"loss", "loss_text", "loss_task_asr", "lr", "grad_norm", "tokens_per_s", "padding"}
+        assert {f"{stage}/train/{t}" for t in train} <= tags
+        assert {f"{stage}/eval/wer_heldout", f"{stage}/eval/wer_dev", f"{stage}/eval/heldout_loss"} <= tags

@@ -14,15 +14,15 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["load_waveform", "wav_bytes"]
+__all__ = ["decode_audio", "load_waveform", "resample", "wav_bytes"]
 
 
 def _fail(where: str, reason: str) -> ValueError:
     return ValueError(f"{where}: cannot read audio ({reason}); expected a WAV/FLAC/OGG file or bytes")
 
 
-def load_waveform(value: Any, sampling_rate: int = 16000, where: str = "") -> np.ndarray:
-    """Decode one undecoded Audio value into float32 mono samples at `sampling_rate`.
+def decode_audio(value: Any, where: str = "") -> tuple[np.ndarray, int]:
+    """Decode one undecoded Audio value into float32 mono samples at the file's own rate.
 
     `value` is what an `Audio(decode=False)` column holds: a dict with "bytes" (may be None)
     and/or "path". Bytes win over the path because datasets saved with `save_to_disk` embed
@@ -53,15 +53,26 @@ def load_waveform(value: Any, sampling_rate: int = 16000, where: str = "") -> np
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if not np.all(np.isfinite(mono)):
         raise _fail(where, "the audio contains NaN or infinite samples")
+    return mono, int(source_rate)
+
+
+def resample(mono: np.ndarray, source_rate: int, sampling_rate: int, where: str = "") -> np.ndarray:
+    """float32 samples at `sampling_rate` (soxr, high quality)."""
     if source_rate != sampling_rate:
         try:
             mono = soxr.resample(mono, source_rate, sampling_rate)
         except Exception as exc:
-            raise _fail(where, f"resampling {source_rate} Hz -> {sampling_rate} Hz failed: {exc}") from exc
+            raise _fail(where or "audio value", f"resampling {source_rate} Hz -> {sampling_rate} Hz failed: {exc}") from exc
         if mono.size == 0:
             # A clip of a few samples can vanish when downsampled; treat it like empty audio.
-            raise _fail(where, "the audio is empty after resampling")
+            raise _fail(where or "audio value", "the audio is empty after resampling")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def load_waveform(value: Any, sampling_rate: int = 16000, where: str = "") -> np.ndarray:
+    """Decode one undecoded Audio value into float32 mono samples at `sampling_rate`."""
+    mono, source_rate = decode_audio(value, where)
+    return resample(mono, source_rate, sampling_rate, where)
 
 
 def wav_bytes(samples: np.ndarray, sampling_rate: int) -> bytes:

@@ -11,20 +11,23 @@ burn time). The cache is keyed by the data, the encoder weights and the tokenize
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from training.audio import load_waveform
+from training.audio import decode_audio, resample
 from training.layout import IGNORE, VocabLayout, n_adapter_frames, n_encoder_frames, pad_token_column, speech_to_text_example
-from training.stages import DataSpec
+from training.stages import TASKS, DataSpec
+from training.text import normalize
 
 EMBEDDED = "embedded corpus"
 
@@ -51,6 +54,7 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
         for column in (spec.audio_column, spec.text_column):
             if column not in ds.column_names:
                 raise DataError(f"dataset '{name}', split '{split}': no column '{column}' (columns: {ds.column_names})")
+        check_column_types(ds, f"dataset '{name}', split '{split}'", spec)
         audio = ds.features[spec.audio_column]
         if isinstance(audio, datasets.Audio) and audio.decode:  # we decode ourselves (no FFmpeg needed)
             ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
@@ -58,6 +62,16 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
             ds = ds.select(range(spec.max_eval_examples))
         splits[split] = ds
     return splits
+
+
+def check_column_types(ds: datasets.Dataset, where: str, spec: DataSpec) -> None:
+    """The audio column holds Audio (or its undecoded {bytes, path} struct); the text column strings."""
+    audio, text = ds.features[spec.audio_column], ds.features[spec.text_column]
+    is_struct = isinstance(audio, dict) and {"bytes", "path"} <= set(audio)
+    if not isinstance(audio, datasets.Audio) and not is_struct:
+        raise DataError(f"{where}, column '{spec.audio_column}': expected an Audio column (or {{bytes, path}}), got {audio}")
+    if not (isinstance(text, datasets.Value) and text.dtype in ("string", "large_string")):
+        raise DataError(f"{where}, column '{spec.text_column}': expected a string column, got {text}")
 
 
 def corpus_config(scale: str):
@@ -83,33 +97,93 @@ def _load_user_dataset(where: str) -> datasets.DatasetDict:
 # Preparation: decode, log-mel, frozen encoder states, text ids (cached)
 
 
+def read_row(audio: Any, text: Any, row: str, spec: DataSpec, sampling_rate: int, max_samples: int,
+             ) -> tuple[np.ndarray, str, int]:
+    """(samples at sampling_rate, stripped transcript, source rate), or DataError naming row and field."""
+    where = f"{row}, column '{spec.audio_column}'"
+    try:
+        mono, source_rate = decode_audio(audio, where)
+        wave = resample(mono, source_rate, sampling_rate, where)
+    except ValueError as err:
+        raise DataError(str(err)) from err
+    if len(wave) > max_samples:
+        raise DataError(f"{where}: audio is {len(wave) / sampling_rate:.1f} s, longer than the encoder's "
+                        f"{max_samples / sampling_rate:.0f} s window (trim or split long clips, or pass --skip-bad-rows)")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{row}, column '{spec.text_column}': empty or missing transcript {text!r}")
+    if not normalize(text):
+        raise DataError(f"{row}, column '{spec.text_column}': transcript {text!r} is empty after normalization")
+    return wave, text.strip(), source_rate
+
+
+@dataclass
+class ValidationReport:
+    """What the checks found in one split (or in a sample of it)."""
+
+    where: str
+    rows: int  # rows in the split
+    checked: int
+    bad: list[str] = dataclasses.field(default_factory=list)  # one message per bad row
+    source_rates: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def summary(self, sampling_rate: int) -> str:
+        rates = ", ".join(f"{r} Hz x {n}" for r, n in sorted(self.source_rates.items()))
+        resampled = sum(n for r, n in self.source_rates.items() if r != sampling_rate)
+        lengths = f", {min(self.seconds):.1f}-{max(self.seconds):.1f} s" if self.seconds else ""
+        scope = f"all {self.rows:,}" if self.checked == self.rows else f"a sample of {self.checked:,} of {self.rows:,}"
+        return (f"{self.where}: checked {scope} rows: {len(self.bad)} bad; sample rates {rates or '-'}"
+                f" ({resampled} resampled to {sampling_rate} Hz){lengths}")
+
+
+def validate_split(ds: datasets.Dataset, where: str, spec: DataSpec, sampling_rate: int, max_samples: int,
+                   max_rows: int | None = None) -> ValidationReport:
+    """Decode and check rows (all, or max_rows spread evenly over the split) without encoding them."""
+    n = len(ds)
+    indices = list(range(n)) if max_rows is None or n <= max_rows else np.linspace(0, n - 1, max_rows).astype(int).tolist()
+    report = ValidationReport(where=where, rows=n, checked=len(indices))
+    columns = ds.select_columns([spec.audio_column, spec.text_column])
+    for i in indices:
+        row = columns[i]
+        try:
+            wave, _, source_rate = read_row(row[spec.audio_column], row[spec.text_column], f"{where}, row {i}", spec,
+                                            sampling_rate, max_samples)
+        except DataError as err:
+            report.bad.append(str(err))
+            continue
+        report.source_rates[source_rate] += 1
+        report.seconds.append(len(wave) / sampling_rate)
+    return report
+
+
 def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_extractor, tokenizer,
                   encode: Callable[[torch.Tensor], torch.Tensor], encoder_key: str, n_mel_frames: int,
                   cache_dir: Path, batch_size: int = 32) -> datasets.Dataset:
-    """Rows of (encoder_states [n_frames, d], n_frames, text_ids, text), computed once and cached."""
+    """Rows of (encoder_states [n_frames, d], n_frames, text_ids, text), computed once and cached.
+
+    A bad row stops preparation with its name, or with spec.skip_bad_rows is left out (the
+    caller counts len(ds) - len(result))."""
     sr = feature_extractor.sampling_rate
     max_frames = n_mel_frames // 2
-    max_seconds = feature_extractor.n_samples / sr
     key = hashlib.sha256(json.dumps(
-        [ds._fingerprint, where, spec.audio_column, spec.text_column, encoder_key, tokenizer.name_or_path,
-         len(tokenizer), feature_extractor.to_json_string(), n_mel_frames], sort_keys=True).encode()).hexdigest()[:16]
+        [ds._fingerprint, where, spec.audio_column, spec.text_column, spec.skip_bad_rows, encoder_key,
+         tokenizer.name_or_path, len(tokenizer), feature_extractor.to_json_string(), n_mel_frames],
+        sort_keys=True).encode()).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     def process(batch: dict, indices: list[int]) -> dict:
         waves, texts = [], []
         for i, audio, text in zip(indices, batch[spec.audio_column], batch[spec.text_column]):
-            row = f"{where}, row {i}"
             try:
-                wave = load_waveform(audio, sampling_rate=sr, where=f"{row}, column '{spec.audio_column}'")
-            except ValueError as err:
-                raise DataError(str(err)) from err
-            if len(wave) > feature_extractor.n_samples:
-                raise DataError(f"{row}, column '{spec.audio_column}': audio is {len(wave) / sr:.1f} s, longer than "
-                                f"the encoder's {max_seconds:.0f} s window")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{row}, column '{spec.text_column}': empty or missing transcript {text!r}")
+                wave, text, _ = read_row(audio, text, f"{where}, row {i}", spec, sr, feature_extractor.n_samples)
+            except DataError:
+                if spec.skip_bad_rows:
+                    continue
+                raise
             waves.append(wave)
-            texts.append(text.strip())
+            texts.append(text)
+        if not waves:
+            return {"encoder_states": [], "n_frames": [], "text_ids": [], "text": []}
         features = feature_extractor(waves, sampling_rate=sr, return_tensors="pt", padding="max_length").input_features
         if features.shape[-1] != n_mel_frames:
             raise DataError(f"{where}: feature extractor gives {features.shape[-1]} mel frames, the encoder needs {n_mel_frames}")
@@ -127,6 +201,8 @@ def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_extr
         new_fingerprint=key, cache_file_name=str(cache_dir / f"prepared-{key}.arrow"),
         desc=f"encoding {where}",
     )
+    if len(prepared) == 0:
+        raise DataError(f"{where}: no usable rows ({len(ds)} rows, all bad)")
     return prepared.with_format("numpy", columns=["encoder_states", "n_frames", "text_ids"], output_all_columns=True)
 
 
@@ -198,6 +274,7 @@ class SpeechTextCollator:
             "input_ids": input_ids, "labels": labels, "attention_mask": attention, "audio_mask": audio_mask,
             "encoder_states": states, "encoder_lengths": torch.tensor([int(r["n_frames"]) for r in rows]),
             "texts": [str(r["text"]) for r in rows],  # references, for evaluation
+            "task_ids": torch.full((batch,), TASKS.index("asr")),  # index into stages.TASKS, per row
         }
 
 

@@ -9,19 +9,11 @@ import evaluate
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from whisper_normalizer.english import EnglishTextNormalizer
 
 from training.layout import strip_text_answer
+from training.text import normalize
 
 WER_METRIC_DIR = Path(__file__).parent / "metrics" / "wer"
-_normalizer = EnglishTextNormalizer()
-
-
-def normalize(text: str) -> str:
-    """Whisper's English normalizer (case, punctuation, spelling variants, numbers)."""
-    return _normalizer(text)
-
-
 def load_wer_metric() -> evaluate.EvaluationModule:
     """Our local metric module: loads offline, no hub script."""
     return evaluate.load(str(WER_METRIC_DIR))

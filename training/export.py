@@ -65,7 +65,6 @@ from typing import Iterator
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, WhisperFeatureExtractor
 
 if __package__ in (None, ""):  # `python training/export.py` as well as `python -m training.export`

@@ -16,14 +16,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs,
                                set_seed)
 
 from training import data as data_lib
 from training.checkpoint import TRAINER_STATE, StageCheckpoints, atomic_dir, read_json, write_json_atomic
 from training.evaluation import evaluate_wer, heldout_loss, model_inputs
+from training.report import write_report
 from training.model import OmniModel, build_model, is_omni_export, load_omni, parameter_summary, save_omni, set_trainable
-from training.stages import STAGE_NAMES, Recipe, RecipeError, StageSpec, lr_at
+from training.stages import STAGE_NAMES, TASKS, Recipe, RecipeError, StageSpec, lr_at
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
 RECORD = "run_record.json"
@@ -56,6 +58,7 @@ class RunContext:
     resume: str = "auto"  # "auto": continue from the latest checkpoint; "never": refuse a used dir
     splits: dict[str, Any] = field(default_factory=dict)
     pretrained: tuple[str, str] | None = None  # (encoder, llm) paths or hub ids
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows left out
 
     def log(self, message: str) -> None:
         self.accelerator.print(message, flush=True)
@@ -83,7 +86,7 @@ def resolve_precision(precision: str) -> str:
     return "no" if precision == "fp32" else precision
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
+def make_accelerator(recipe: Recipe, report_to: str = "none", project_dir: Path | None = None) -> Accelerator:
     """The Accelerator for this launch.
 
     - split_batches: the recipe's batch_size is the GLOBAL batch; each of N processes gets 1/N of
@@ -101,7 +104,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     accumulation = GradientAccumulationPlugin(num_steps=recipe.grad_accum, sync_with_dataloader=False)
     # cpu=True turns a torchrun launch on a GPU-less machine into gloo DDP (without it each rank
     # runs alone: doubled work, no gradient averaging); DeepSpeed handles CPU itself and must not get it.
-    return Accelerator(cpu=on_cpu and not deepspeed, gradient_accumulation_plugin=accumulation, mixed_precision=resolve_precision(recipe.precision),
+    trackers = [t for t in report_to.split(",") if t and t != "none"]
+    return Accelerator(cpu=on_cpu and not deepspeed, gradient_accumulation_plugin=accumulation,
+                       log_with=trackers or None, project_dir=project_dir, mixed_precision=resolve_precision(recipe.precision),
                        dataloader_config=DataLoaderConfiguration(split_batches=True), kwargs_handlers=handlers)
 
 
@@ -179,16 +184,59 @@ def encoder_key(model: OmniModel) -> str:
     return h.hexdigest()[:16]
 
 
+def dataset_name(ctx: RunContext) -> str:
+    return ctx.recipe.data.dataset or data_lib.EMBEDDED
+
+
+def validate_splits(ctx: RunContext, feature_extractor, max_rows: int | None) -> dict[str, data_lib.ValidationReport]:
+    """Check rows of every split before any encoding (all rows, or max_rows spread over each).
+    Bad rows stop the run naming them, unless the data spec says to skip them."""
+    spec, sr = ctx.recipe.data, feature_extractor.sampling_rate
+    reports = {}
+    for split, ds in ctx.splits.items():
+        report = data_lib.validate_split(ds, f"dataset '{dataset_name(ctx)}', split '{split}'", spec, sr,
+                                         feature_extractor.n_samples, max_rows)
+        ctx.log(report.summary(sr))
+        if report.bad and not spec.skip_bad_rows:
+            shown = "\n  ".join(report.bad[:10])
+            raise data_lib.DataError(f"{len(report.bad)} bad rows in {report.where} (of {report.checked:,} checked):\n  "
+                                     f"{shown}\nFix them, or pass --skip-bad-rows to leave them out (they are counted)")
+        reports[split] = report
+    return reports
+
+
+def validate_only(ctx: RunContext) -> int:
+    """--validate-data: every row of every split, then exit (0 clean or skipping, 2 bad rows)."""
+    from transformers import WhisperFeatureExtractor
+
+    try:
+        load_data_and_pretrained(ctx)
+        source = ctx.init_from if ctx.init_from is not None else ctx.pretrained[0]
+        reports = validate_splits(ctx, WhisperFeatureExtractor.from_pretrained(source), max_rows=None)
+    except data_lib.DataError as err:
+        ctx.log(f"error: {err}")
+        return 2
+    bad = sum(len(r.bad) for r in reports.values())
+    for report in reports.values():
+        for message in report.bad[:20]:
+            ctx.log(f"  skipped: {message}")
+    ctx.log(f"data valid: {sum(r.checked for r in reports.values()):,} rows checked"
+            + (f", {bad} bad rows would be left out (--skip-bad-rows)" if bad else ", no bad rows"))
+    return 0
+
+
 def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
     key = encoder_key(model)
-    name = ctx.recipe.data.dataset or data_lib.EMBEDDED
     out = {}
     with ctx.accelerator.main_process_first():
         for split, ds in ctx.splits.items():
             out[split] = data_lib.prepare_split(
-                ds, f"dataset '{name}', split '{split}'", ctx.recipe.data, feature_extractor, tokenizer,
+                ds, f"dataset '{dataset_name(ctx)}', split '{split}'", ctx.recipe.data, feature_extractor, tokenizer,
                 encode=model.encode, encoder_key=key, n_mel_frames=model.n_mel_frames, cache_dir=ctx.cache_dir / "features",
             )
+            if len(out[split]) < len(ds):
+                ctx.skipped_rows[split] = len(ds) - len(out[split])
+                ctx.log(f"split '{split}': left out {ctx.skipped_rows[split]} bad rows of {len(ds):,} (--skip-bad-rows)")
     return out
 
 
@@ -202,6 +250,39 @@ def optimizer_groups(model: OmniModel, weight_decay: float) -> list[dict[str, An
         (no_decay if param.ndim < 2 or is_embedding else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+# Per-step statistics, summed over micro-batches and then over ranks in ONE all-reduce:
+# [loss share, CE sum per stream (8), tokens per stream (8), CE sum per task, tokens per task,
+#  real positions, all positions]
+N_STREAMS = 8
+STEP_STATS = 1 + 2 * N_STREAMS + 2 * len(TASKS) + 2
+STREAM_NAMES = tuple(f"audio{i}" for i in range(N_STREAMS - 1)) + ("text",)
+
+
+def micro_batch_stats(loss: torch.Tensor, out: dict[str, torch.Tensor], batch: dict[str, Any], grad_accum: int) -> torch.Tensor:
+    row_sums, row_counts = out["row_loss_sum"].detach(), out["row_count"]
+    task_onehot = torch.nn.functional.one_hot(batch["task_ids"].to(row_sums.device), len(TASKS)).float()  # [B, tasks]
+    attention = batch["attention_mask"]
+    return torch.cat([
+        (loss.detach().float() / grad_accum)[None], row_sums.sum(0), row_counts.sum(0),
+        task_onehot.T @ row_sums.sum(-1), task_onehot.T @ row_counts.sum(-1),
+        attention.sum().float()[None], torch.tensor([float(attention.numel())], device=row_sums.device),
+    ])
+
+
+def step_metrics(stats: torch.Tensor, num_processes: int) -> dict[str, float]:
+    """Readable metrics from the all-reduced STEP_STATS of one optimizer step."""
+    values = stats.tolist()
+    loss, rest = values[0] / num_processes, values[1:]
+    stream_sums, stream_counts = rest[:N_STREAMS], rest[N_STREAMS:2 * N_STREAMS]
+    rest = rest[2 * N_STREAMS:]
+    task_sums, task_counts, (real, positions) = rest[:len(TASKS)], rest[len(TASKS):2 * len(TASKS)], rest[-2:]
+    out = {"loss": loss}
+    out |= {f"loss_{n}": s / c for n, s, c in zip(STREAM_NAMES, stream_sums, stream_counts) if c}
+    out |= {f"loss_task_{n}": s / c for n, s, c in zip(TASKS, task_sums, task_counts) if c}
+    out |= {"tokens": real, "padding": 1.0 - real / positions}
+    return out
 
 
 class StopSignals:
@@ -299,6 +380,7 @@ class StageRun:
         set_trainable(model, spec.trainable, spec.train_text_specials)
         for module, (total, trainable) in parameter_summary(model).items():
             self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
+        validate_splits(ctx, self.feature_extractor, recipe.data.validate_rows)  # a sample of big splits
         prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
         layout, k = model.layout, recipe.frame_stack
         train_dl = data_lib.train_loader(prepared[recipe.data.train_split], layout, k, recipe.batch_size, recipe.seed,
@@ -372,28 +454,45 @@ class StageRun:
         self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
         window: list[float] = []
         clock = time.time()
-        with StopSignals() as signals:
+        # A progress bar where someone watches (a terminal); log lines every log_every steps always.
+        bar = tqdm(total=spec.max_steps, initial=state["step"], desc=self.stage, unit="step", dynamic_ncols=True,
+                   disable=None if acc.is_local_main_process else True)
+        with StopSignals() as signals, bar:
             while state["step"] < spec.max_steps:
+                step_clock = time.time()
                 lr = lr_at(spec, state["step"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                micro_losses = self.accumulate_step()
-                if micro_losses is not None:
+                stats = self.accumulate_step()
+                grad_norm = None
+                if stats is not None:
                     if recipe.max_grad_norm > 0:  # DeepSpeed clips inside its step (the value is the recipe's)
-                        acc.clip_grad_norm_(trainable, recipe.max_grad_norm)
+                        grad_norm = acc.clip_grad_norm_(trainable, recipe.max_grad_norm)
                     optimizer.step()
                 optimizer.zero_grad()
-                if micro_losses is None:
+                if stats is None:
                     self.skipped_step(signals)
                     continue
                 state["nonfinite_in_a_row"] = 0
-                loss = float(acc.reduce(torch.stack(micro_losses).mean(), reduction="mean"))
+                metrics = step_metrics(acc.reduce(stats, reduction="sum") if acc.num_processes > 1 else stats,
+                                       acc.num_processes)
+                if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed engine
+                    grad_norm = model.get_global_grad_norm()
+                now = time.time()
+                metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / max(now - step_clock, 1e-9)}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                loss = metrics["loss"]
                 state["step"] += 1
+                state["tokens"] = state.get("tokens", 0) + int(metrics["tokens"])
                 state["losses"].append(loss)
                 window.append(loss)
                 if acc.is_main_process:
                     with open(self.metrics_path, "a") as f:
-                        f.write(json.dumps({"step": state["step"], "loss": loss, "lr": lr}) + "\n")
+                        f.write(json.dumps({"step": state["step"], **metrics}) + "\n")
+                acc.log({f"{self.stage}/train/{k}": v for k, v in metrics.items()}, step=state["step"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if state["step"] % recipe.log_every == 0 or state["step"] == spec.max_steps:
                     rate = len(window) / (time.time() - clock)
                     self.log(f"step {state['step']:>6}/{spec.max_steps}  loss {sum(window) / len(window):.4f}  "
@@ -429,29 +528,33 @@ class StageRun:
         share = (sums[present] / global_counts[present]).sum() / present.sum() * acc.num_processes
         return share, finite
 
-    def accumulate_step(self) -> list[torch.Tensor] | None:
-        """Forward/backward over grad_accum micro-batches; None if one had a non-finite loss (the
-        step is then skipped: its data is consumed, no update is applied)."""
+    def accumulate_step(self) -> torch.Tensor | None:
+        """Forward/backward over grad_accum micro-batches. Returns this rank's step statistics
+        (see STEP_STATS), or None if a micro-batch had a non-finite loss: the step is then
+        skipped (its data is consumed, no update is applied)."""
         acc, model = self.ctx.accelerator, self.model
-        losses: list[torch.Tensor] | None = []
+        stats: torch.Tensor | None = torch.zeros(STEP_STATS, device=acc.device)
+        done = 0
         for _ in range(self.ctx.recipe.grad_accum):
             batch = self.next_batch()
             with acc.accumulate(model):  # entered every micro-step: Accelerate counts them for sync
-                if losses is None:
+                if stats is None:
                     continue
-                loss, finite = self.global_token_loss(model(**model_inputs(batch)))
+                out = model(**model_inputs(batch))
+                loss, finite = self.global_token_loss(out)
                 if not finite:
-                    if losses and acc.distributed_type == DistributedType.DEEPSPEED:
+                    if done and acc.distributed_type == DistributedType.DEEPSPEED:
                         # DeepSpeed's engine already holds this step's partial gradients and has no
                         # way to drop them: stop rather than apply a corrupted update.
-                        raise NonFiniteLoss(f"[{self.stage}] non-finite loss in micro-batch {len(losses) + 1} of step "
+                        raise NonFiniteLoss(f"[{self.stage}] non-finite loss in micro-batch {done + 1} of step "
                                             f"{self.state['step'] + 1} under DeepSpeed with grad_accum > 1; "
                                             f"the last checkpoint is intact")
-                    losses = None
+                    stats = None
                     continue
                 acc.backward(loss)
-                losses.append(loss.detach())
-        return losses
+                done += 1
+                stats += micro_batch_stats(loss, out, batch, self.ctx.recipe.grad_accum)
+        return stats
 
     def skipped_step(self, signals: StopSignals) -> None:
         state, patience = self.state, self.ctx.recipe.nonfinite_patience
@@ -475,6 +578,7 @@ class StageRun:
         state["best_eval"] = min(state["best_eval"], loss)
         state["evals_since_best"] = 0 if improved else state["evals_since_best"] + 1
         self.log(f"step {state['step']}: {self.early_stop_split} loss {loss:.4f} (best {state['best_eval']:.4f})")
+        self.ctx.accelerator.log({f"{self.stage}/eval/{self.early_stop_split}_loss": loss}, step=state["step"])
         if state["step"] >= spec.min_steps and state["evals_since_best"] >= spec.early_stop_patience:
             self.stop_reason = f"early stop: {self.early_stop_split} loss flat for {spec.early_stop_patience} evals"
             return True
@@ -518,9 +622,13 @@ class StageRun:
         result = {
             "complete": True, "steps": self.state["step"], "stop_reason": self.stop_reason,
             "final_train_loss": sum(tail) / max(1, len(tail)), "heldout_loss": self.heldout_loss(), "wer": wer,
-            "seconds": round(self.elapsed(), 1), "export": str(final_dir),
+            "seconds": round(self.elapsed(), 1), "export": str(final_dir), "tokens": self.state.get("tokens", 0),
+            "skipped_steps": self.state["skipped_steps"], "skipped_rows": dict(self.ctx.skipped_rows),
         }
         self.ctx.update_record(self.stage, result)
+        write_run_report(self.ctx)
+        boundary = {f"{self.stage}/eval/wer_{split}": v["wer"] for split, v in wer.items()}
+        self.ctx.accelerator.log(boundary | {f"{self.stage}/eval/heldout_loss": result["heldout_loss"]}, step=self.state["step"])
         self.log("done: " + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items()))
         heldout = wer[recipe.data.heldout_split]["wer"]
         if spec.max_wer is not None and heldout > spec.max_wer:
@@ -529,6 +637,16 @@ class StageRun:
                 f"stopping here (the checkpoint and export in {self.dir} are kept)"
             )
         return result
+
+
+def write_run_report(ctx: RunContext) -> None:
+    """report.md + plots in the run directory (main process). A failure here never costs the run."""
+    if not ctx.accelerator.is_main_process:
+        return
+    try:
+        ctx.log(f"report: {write_report(ctx.output_dir, ctx.recipe)}")
+    except Exception as err:  # noqa: BLE001 - the weights and record are already safe on disk
+        ctx.log(f"warning: could not write the run report: {type(err).__name__}: {err}")
 
 
 def run_stage(ctx: RunContext, stage: str) -> dict[str, Any]:

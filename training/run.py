@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", choices=["auto", "never"], default="auto",
                         help="auto: continue from the latest checkpoint; never: refuse a run dir that has one")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus, stand-ins and feature cache")
+    parser.add_argument("--validate-data", action="store_true",
+                        help="check every row of every split (columns, audio, rates, lengths, transcripts) and exit")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) rows that fail the checks")
+    parser.add_argument("--report-to", default="tensorboard",
+                        help="Accelerate trackers: tensorboard (default), wandb, mlflow, ..., comma-separated, or none")
     dry = parser.add_argument_group("dry run (no launcher needed, nothing trained or downloaded)")
     dry.add_argument("--dry-run", action="store_true",
                      help="build the model on the meta device, print parameters, memory per GPU and tokens per step, exit")
@@ -49,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dry.add_argument("--speech-seconds", type=float, help="typical utterance length (default 10)")
     dry.add_argument("--text-tokens", type=int, help="typical answer length in tokens (default 3 per second of speech)")
     args = parser.parse_args(argv)
-    if args.stage is None and not args.dry_run:
+    if args.stage is None and not (args.dry_run or args.validate_data):
         parser.error("the following arguments are required: --stage")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe)
         data_changes = {k: v for k, v in (("dataset", args.dataset), ("audio_column", args.audio_column),
                                           ("text_column", args.text_column)) if v is not None}
+        if args.skip_bad_rows:
+            data_changes["skip_bad_rows"] = True
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))
         if args.encoder:
             recipe = dataclasses.replace(recipe, encoder=args.encoder, llm=args.llm)
@@ -78,16 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.loop import (REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, RunContext, StageOrderError, WerGateFailed,
                                format_wer_table, initial_weights, load_data_and_pretrained, make_accelerator,
-                               run_stage)
+                               run_stage, validate_only, write_run_report)
 
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(recipe, "none" if args.validate_data else args.report_to, args.output_dir)
     ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
                      init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
-    stages = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
+    stages = list(STAGE_NAMES) if args.stage in ("all", None) else [args.stage]
     ctx.log(f"recipe '{recipe.name}', stages {stages}, output {args.output_dir}\n"
             f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
             f"precision {accelerator.mixed_precision}, global batch {recipe.batch_size} x {recipe.grad_accum} accumulation\n"
             f"{format_stage_table(recipe)}")
+    if args.validate_data:
+        return validate_only(ctx)
+    # Trackers (TensorBoard by default: <output-dir>/tensorboard) get scalars only.
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in recipe.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
     code = 0
     try:
         initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])
     if ctx.record()["stages"]:
         ctx.log("\nWER per stage boundary\n" + format_wer_table(ctx.record(), splits))
+        write_run_report(ctx)
     accelerator.end_training()
     return code
 

@@ -127,6 +127,8 @@ class DataSpec:
     audio_column: str = "audio"
     text_column: str = "text"
     max_eval_examples: int | None = None  # subsample eval splits (None = all)
+    validate_rows: int = 1_000  # rows per split checked before a stage starts (spread evenly; all if fewer)
+    skip_bad_rows: bool = False  # drop (and count) rows that fail the checks instead of stopping
 
 
 @dataclass(frozen=True)
