@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -278,12 +279,19 @@ class SpeechTextCollator:
         }
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1/SIGINT to the training process, which checkpoints and
+    then shuts them down; a worker killed by the signal would make the loader raise mid-save."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def train_loader(prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int, seed: int,
                  num_workers: int = 0) -> DataLoader:
     lengths = prepared["n_frames"]
     sampler = LengthGroupedSampler(lengths, batch_size, seed)
     return DataLoader(prepared, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      collate_fn=SpeechTextCollator(layout, frame_stack))
+                      collate_fn=SpeechTextCollator(layout, frame_stack), worker_init_fn=_ignore_stop_signals)
 
 
 def eval_loader(prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int) -> DataLoader:
