@@ -11,6 +11,9 @@ Splits:
 
 espeak output is not bit-identical from run to run, so a built corpus is saved once with
 `save_to_disk` and every later call loads that copy: runs and resumed runs see the same audio.
+
+The spoken question/answer corpus (training/qa_corpus.py) reuses this module's voices, synthesis
+(`speak_clip`) and caching (`save_atomically`, `load_cached`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from datasets import Audio, Dataset, DatasetDict, Features, Value, load_from_disk
@@ -38,9 +41,13 @@ __all__ = [
     "VoiceSpec",
     "SPLITS",
     "build_corpus",
+    "check_voices",
     "config_hash",
     "corpus_dir",
+    "load_cached",
     "make_sentences",
+    "save_atomically",
+    "speak_clip",
     "split_sentences",
     "synthesize",
     "vocabulary",
@@ -400,6 +407,33 @@ def _trim(samples: np.ndarray, threshold: int, keep: int) -> np.ndarray:
     return samples[max(0, loud[0] - keep): loud[-1] + 1 + keep]
 
 
+class ClipSettings(Protocol):
+    """The audio settings `speak_clip` reads (CorpusConfig has them; so may other corpus configs)."""
+
+    silence_threshold: int
+    keep_silence_ms: int
+    max_seconds: float
+    sampling_rate: int
+
+
+def speak_clip(text: str, voice: str, rate: int, pitch: int, settings: ClipSettings, where: str) -> np.ndarray:
+    """One utterance as the corpora store it: synthesized, silence trimmed, at most `max_seconds`.
+
+    A clip that comes out too long is spoken again faster rather than dropped, so split sizes and
+    text pools stay as configured; `where` names the row if even that is too long.
+    """
+    keep = int(settings.keep_silence_ms * settings.sampling_rate / 1000)
+    max_samples = int(settings.max_seconds * settings.sampling_rate)
+    samples = _trim(synthesize(text, voice, rate, pitch), settings.silence_threshold, keep)
+    if samples.size > max_samples:
+        samples = _trim(synthesize(text, voice, int(rate * samples.size / max_samples) + 10, pitch),
+                        settings.silence_threshold, keep)
+        if samples.size > max_samples:
+            raise RuntimeError(f"{where}: {text!r} is {samples.size / settings.sampling_rate:.2f} s "
+                               f"even spoken fast; max_seconds={settings.max_seconds}")
+    return samples
+
+
 # ----------------------------------------------------------------------------------------------
 # Building and caching.
 
@@ -411,9 +445,14 @@ def _check_config(config: CorpusConfig) -> None:
         raise ValueError("CorpusConfig needs at least one training voice and one held-out voice")
     if config.sampling_rate != ESPEAK_SAMPLE_RATE:
         raise ValueError(f"espeak-ng synthesizes at {ESPEAK_SAMPLE_RATE} Hz; got sampling_rate={config.sampling_rate}")
-    train_ids = {v.voice for v in config.train_voices}
-    train_variants = {v.variant for v in config.train_voices}
-    for held in config.heldout_voices:
+    check_voices(config.train_voices, config.heldout_voices)
+
+
+def check_voices(train_voices: Sequence[VoiceSpec], heldout_voices: Sequence[VoiceSpec]) -> None:
+    """Held-out speakers share neither voice nor variant with training ones: "heldout" means unheard."""
+    train_ids = {v.voice for v in train_voices}
+    train_variants = {v.variant for v in train_voices}
+    for held in heldout_voices:
         if held.voice in train_ids or held.variant in train_variants:
             raise ValueError(f"held-out voice {held.voice!r} (variant {held.variant!r}) also occurs in training; "
                              f"a held-out speaker must be new")
@@ -444,20 +483,11 @@ def _to_dataset(columns: dict[str, list]) -> Dataset:
 def _synthesize_split(name: str, sentences: list[str], voices: Sequence[VoiceSpec], config: CorpusConfig,
                       rng: random.Random) -> dict[str, list]:
     columns: dict[str, list] = {"audio": [], "text": [], "speaker": []}
-    keep = int(config.keep_silence_ms * config.sampling_rate / 1000)
-    max_samples = int(config.max_seconds * config.sampling_rate)
     for i, text in enumerate(sentences):
         voice = voices[i % len(voices)]  # round-robin: every speaker gets an equal share
         rate = voice.rate + rng.randint(-config.rate_jitter, config.rate_jitter)
         pitch = voice.pitch + rng.randint(-config.pitch_jitter, config.pitch_jitter)
-        samples = _trim(synthesize(text, voice.voice, rate, pitch), config.silence_threshold, keep)
-        if samples.size > max_samples:
-            # Speak it faster rather than drop it: split sizes and sentence pools stay as configured.
-            samples = _trim(synthesize(text, voice.voice, int(rate * samples.size / max_samples) + 10, pitch),
-                            config.silence_threshold, keep)
-            if samples.size > max_samples:
-                raise RuntimeError(f"{name} row {i}: {text!r} is {samples.size / config.sampling_rate:.2f} s "
-                                   f"even spoken fast; max_seconds={config.max_seconds}")
+        samples = speak_clip(text, voice.voice, rate, pitch, config, f"{name} row {i}")
         columns["audio"].append({"bytes": wav_bytes(samples, config.sampling_rate), "path": f"{name}-{i:05d}.wav"})
         columns["text"].append(text)
         columns["speaker"].append(voice.speaker_id)
@@ -489,8 +519,18 @@ def build_corpus(cache_dir: str | Path, config: CorpusConfig = CorpusConfig(), l
         log(f"corpus: synthesized {name}: {len(pools[name])} utterances, {seconds / 60:.1f} min of audio, "
             f"{len(voices[name])} voices in {time.perf_counter() - t0:.1f} s")
         splits[name] = _to_dataset(columns)
-    corpus = DatasetDict(splits)
+    save_atomically(DatasetDict(splits), target, log, "corpus")
+    log(f"corpus: {sum(len(d) for d in splits.values())} utterances ready in "
+        f"{time.perf_counter() - started:.1f} s at {target}")
+    return _load(target)
 
+
+def save_atomically(corpus: DatasetDict, target: Path, log: LogFn, label: str) -> None:
+    """`save_to_disk` into a temporary folder, then rename it to `target`.
+
+    An interrupted build never leaves a folder that a later call would load, and when two
+    processes (e.g. two ranks) build at once, the first rename wins and both use that copy.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -502,11 +542,13 @@ def build_corpus(cache_dir: str | Path, config: CorpusConfig = CorpusConfig(), l
             # Another process (e.g. a second rank) finished first: keep its copy so all agree.
             if not target.exists():
                 raise
-            log(f"corpus: {target} appeared while building; using that copy")
+            log(f"{label}: {target} appeared while building; using that copy")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful rename
-    log(f"corpus: {sum(len(d) for d in splits.values())} utterances ready in "
-        f"{time.perf_counter() - started:.1f} s at {target}")
+
+
+def load_cached(target: Path) -> DatasetDict:
+    """A corpus saved by `save_atomically`, checked to hold the splits train/dev/heldout."""
     return _load(target)
 
 
