@@ -26,11 +26,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from training.audio import decode_audio, resample
-from training.layout import IGNORE, VocabLayout, n_adapter_frames, n_encoder_frames, pad_token_column, speech_to_text_example
+from training.layout import (IGNORE, N_AUDIO_LAYERS, SPEECH_IN_TASKS, Example, VocabLayout, n_adapter_frames,
+                             n_encoder_frames, pad_token_column, task_example)
+from training.snac_codes import parse_answer_snac
 from training.stages import TASKS, DataSpec
 from training.text import normalize
 
 EMBEDDED = "embedded corpus"
+EMBEDDED_QA = "embedded QA corpus"
 
 
 class DataError(ValueError):
@@ -63,6 +66,47 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
             ds = ds.select(range(spec.max_eval_examples))
         splits[split] = ds
     return splits
+
+
+def load_qa_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "full", log: Callable[[str], None] = print,
+                   ) -> dict[str, datasets.Dataset]:
+    """Spoken question answering splits (empty when spec.qa_dataset is "none"). Accepts our schema
+    and VoiceAssistant-400K's; answer speech as answer_snac strings or as answer audio."""
+    if spec.qa_dataset == "none":
+        return {}
+    if spec.qa_dataset is None:
+        from training.qa_corpus import build_qa_corpus, qa_corpus_config
+
+        source, name = build_qa_corpus(cache_dir, qa_corpus_config(corpus_scale), log=log), EMBEDDED_QA
+    else:
+        name = spec.qa_dataset
+        source = _load_user_dataset(spec.qa_dataset)
+    splits = {}
+    for split in dict.fromkeys(s for s in (spec.train_split, spec.heldout_split) if s):
+        if split not in source:
+            raise DataError(f"dataset '{name}': no split '{split}' (it has {sorted(source)})")
+        ds, where = source[split], f"dataset '{name}', split '{split}'"
+        for column in (spec.question_column, spec.question_audio_column, spec.answer_column):
+            if column not in ds.column_names:
+                raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
+        check_column_types(ds, where, dataclasses.replace(spec, audio_column=spec.question_audio_column,
+                                                          text_column=spec.question_column))
+        for column in (spec.answer_column, spec.answer_snac_column):
+            feature = ds.features.get(column)
+            if feature is not None and not (isinstance(feature, datasets.Value) and "string" in feature.dtype):
+                raise DataError(f"{where}, column '{column}': expected a string column, got {feature}")
+        for column in (spec.question_audio_column, spec.answer_audio_column):
+            feature = ds.features.get(column)
+            if isinstance(feature, datasets.Audio) and feature.decode:
+                ds = ds.cast_column(column, datasets.Audio(decode=False))
+        if spec.max_eval_examples is not None and split != spec.train_split and len(ds) > spec.max_eval_examples:
+            ds = ds.select(range(spec.max_eval_examples))
+        splits[split] = ds
+    return splits
+
+
+def has_answer_speech(ds: datasets.Dataset, spec: DataSpec) -> bool:
+    return spec.answer_snac_column in ds.column_names or spec.answer_audio_column in ds.column_names
 
 
 def check_column_types(ds: datasets.Dataset, where: str, spec: DataSpec) -> None:
@@ -137,23 +181,36 @@ class ValidationReport:
                 f" ({resampled} resampled to {sampling_rate} Hz){lengths}")
 
 
-def validate_split(ds: datasets.Dataset, where: str, spec: DataSpec, sampling_rate: int, max_samples: int,
-                   max_rows: int | None = None) -> ValidationReport:
+RowCheck = Callable[[dict, str], tuple[float, int]]  # (row, name) -> (seconds, source rate), or DataError
+
+
+def asr_row_check(spec: DataSpec, sampling_rate: int, max_samples: int) -> RowCheck:
+    def check(row: dict, name: str) -> tuple[float, int]:
+        wave, _, rate = read_row(row[spec.audio_column], row[spec.text_column], name, spec, sampling_rate, max_samples)
+        return len(wave) / sampling_rate, rate
+    return check
+
+
+def qa_row_check(spec: DataSpec, sampling_rate: int, max_samples: int) -> RowCheck:
+    def check(row: dict, name: str) -> tuple[float, int]:
+        parsed = read_qa_row(row, name, spec, sampling_rate, max_samples)
+        return len(parsed["wave"]) / sampling_rate, parsed["source_rate"]
+    return check
+
+
+def validate_split(ds: datasets.Dataset, where: str, check: RowCheck, max_rows: int | None = None) -> ValidationReport:
     """Decode and check rows (all, or max_rows spread evenly over the split) without encoding them."""
     n = len(ds)
     indices = list(range(n)) if max_rows is None or n <= max_rows else np.linspace(0, n - 1, max_rows).astype(int).tolist()
     report = ValidationReport(where=where, rows=n, checked=len(indices))
-    columns = ds.select_columns([spec.audio_column, spec.text_column])
     for i in indices:
-        row = columns[i]
         try:
-            wave, _, source_rate = read_row(row[spec.audio_column], row[spec.text_column], f"{where}, row {i}", spec,
-                                            sampling_rate, max_samples)
+            seconds, source_rate = check(ds[i], f"{where}, row {i}")
         except DataError as err:
             report.bad.append(str(err))
             continue
         report.source_rates[source_rate] += 1
-        report.seconds.append(len(wave) / sampling_rate)
+        report.seconds.append(seconds)
     return report
 
 
@@ -207,6 +264,102 @@ def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_extr
     return prepared.with_format("numpy", columns=["encoder_states", "n_frames", "text_ids"], output_all_columns=True)
 
 
+def read_qa_row(row: dict, name: str, spec: DataSpec, sampling_rate: int, max_samples: int) -> dict[str, Any]:
+    """Question speech (at sampling_rate), question and answer text, and answer codes [n, 7]
+    (parsed from answer_snac, or None when the row has answer audio to encode instead)."""
+    out = {}
+    for column in (spec.question_column, spec.answer_column):
+        text = row.get(column)
+        if not isinstance(text, str) or not normalize(text):
+            raise DataError(f"{name}, column '{column}': empty or missing text {text!r}")
+        out[column] = text.strip()
+    wave, _, source_rate = read_row(row[spec.question_audio_column], out[spec.question_column], name,
+                                    dataclasses.replace(spec, audio_column=spec.question_audio_column,
+                                                        text_column=spec.question_column),
+                                    sampling_rate, max_samples)
+    out["wave"], out["source_rate"], out["codes"] = wave, source_rate, None
+    snac = row.get(spec.answer_snac_column)
+    if snac is not None:
+        try:
+            out["codes"] = parse_answer_snac(snac, f"{name}, column '{spec.answer_snac_column}'")
+        except ValueError as err:
+            raise DataError(str(err)) from err
+    return out
+
+
+def prepare_qa_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_extractor, tokenizer,
+                     encode: Callable[[torch.Tensor], torch.Tensor], encoder_key: str, n_mel_frames: int,
+                     cache_dir: Path, batch_size: int = 32) -> datasets.Dataset:
+    """Rows of (question encoder states, n_frames, question_ids, answer_ids, answer codes flattened
+    with n_codes frames, question, answer), computed once with datasets.map and cached."""
+    sr = feature_extractor.sampling_rate
+    max_frames = n_mel_frames // 2
+    speech_out = has_answer_speech(ds, spec)
+    key = hashlib.sha256(json.dumps(
+        ["qa", ds._fingerprint, where, dataclasses.asdict(spec), encoder_key, tokenizer.name_or_path, len(tokenizer),
+         feature_extractor.to_json_string(), n_mel_frames], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    codec = None
+
+    def answer_codes(row: dict, parsed: dict, name: str) -> np.ndarray:
+        nonlocal codec
+        if parsed["codes"] is not None:
+            return parsed["codes"].numpy()
+        audio = row.get(spec.answer_audio_column)
+        if audio is None:
+            return np.zeros((0, 7), dtype=np.int64)
+        from training.codec import encode_speech, load_codec
+
+        codec = codec or load_codec(spec.codec)
+        try:
+            mono, rate = decode_audio(audio, f"{name}, column '{spec.answer_audio_column}'")
+        except ValueError as err:
+            raise DataError(str(err)) from err
+        return encode_speech(codec, mono, rate).numpy()
+
+    def process(batch: dict, indices: list[int]) -> dict:
+        columns = list(batch)
+        rows = [dict(zip(columns, values)) for values in zip(*batch.values())]
+        kept = []
+        for i, row in zip(indices, rows):
+            name = f"{where}, row {i}"
+            try:
+                parsed = read_qa_row(row, name, spec, sr, feature_extractor.n_samples)
+                parsed["codes"] = answer_codes(row, parsed, name)
+            except DataError:
+                if spec.skip_bad_rows:
+                    continue
+                raise
+            kept.append(parsed)
+        if not kept:
+            return {k: [] for k in ("encoder_states", "n_frames", "question_ids", "answer_ids", "codes", "n_codes",
+                                    "question", "answer")}
+        waves = [p["wave"] for p in kept]
+        features = feature_extractor(waves, sampling_rate=sr, return_tensors="pt", padding="max_length").input_features
+        states = encode(features).float().numpy()
+        lengths = [n_encoder_frames(len(w), sr, max_frames) for w in waves]
+        ids = lambda column: [tokenizer(p[column], add_special_tokens=False).input_ids for p in kept]  # noqa: E731
+        return {
+            "encoder_states": [s[:n] for s, n in zip(states, lengths)],
+            "n_frames": lengths,
+            "question_ids": ids(spec.question_column),
+            "answer_ids": ids(spec.answer_column),
+            "codes": [p["codes"].reshape(-1).astype(np.int16) for p in kept],
+            "n_codes": [int(p["codes"].shape[0]) if speech_out else 0 for p in kept],
+            "question": [p[spec.question_column] for p in kept],
+            "answer": [p[spec.answer_column] for p in kept],
+        }
+
+    prepared = ds.map(
+        process, batched=True, batch_size=batch_size, with_indices=True, remove_columns=ds.column_names,
+        new_fingerprint=key, cache_file_name=str(cache_dir / f"prepared-qa-{key}.arrow"), desc=f"encoding {where}",
+    )
+    if len(prepared) == 0:
+        raise DataError(f"{where}: no usable rows ({len(ds)} rows, all bad)")
+    return prepared.with_format("numpy", columns=["encoder_states", "n_frames", "question_ids", "answer_ids", "codes",
+                                                  "n_codes"], output_all_columns=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching
 
@@ -243,20 +396,97 @@ class LengthGroupedSampler(Sampler[int]):
             yield from batches[b].tolist()
 
 
+class TaskMixture(torch.utils.data.Dataset):
+    """A stage's training items: (task, row) pairs drawn by the stage's task mix.
+
+    The epoch has as many items as the sources have rows; task t gets round(weight_t / total
+    weight * size) of them, taken from its source (ASR rows for asr, QA rows for the rest, QA rows
+    with answer speech for a1a2/t1a2) in a seeded permutation, cycled when a task needs more items
+    than its source has rows. The list is fixed for the stage, so resuming needs only the sampler's
+    position; the length-grouped sampler reshuffles it every epoch."""
+
+    def __init__(self, asr: datasets.Dataset, qa: datasets.Dataset | None, task_mix: dict[str, float], seed: int,
+                 frame_stack: int) -> None:
+        self.sources = {"asr": asr, "qa": qa}
+        speech_out = qa is not None and int(np.max(qa["n_codes"])) > 0
+        usable = {t: w for t, w in task_mix.items() if w > 0 and (t == "asr" or qa is not None)
+                  and (t not in ("a1a2", "t1a2") or speech_out)}
+        if not usable:
+            raise DataError(f"task mix {dict(task_mix)}: no task has data (QA data: {'yes' if qa is not None else 'none'})")
+        self.dropped = sorted(set(t for t, w in task_mix.items() if w > 0) - set(usable))
+        size = len(asr) + (len(qa) if qa is not None else 0)
+        total = sum(usable.values())
+        rng = np.random.default_rng(seed)
+        items = []
+        for task, weight in usable.items():
+            source = "asr" if task == "asr" else "qa"
+            n_rows = len(self.sources[source])
+            count = max(1, round(weight / total * size))
+            rows = np.concatenate([rng.permutation(n_rows) for _ in range(-(-count // n_rows))])[:count]
+            items += [(TASKS.index(task), source == "qa", int(r)) for r in rows]
+        self.items = np.array(items, dtype=np.int64)
+        self.lengths = self._lengths(frame_stack)
+
+    def _lengths(self, frame_stack: int) -> np.ndarray:
+        """Approximate positions per item, for grouping similar lengths into a batch."""
+        asr, qa = self.sources["asr"], self.sources["qa"]
+        asr_len = np.array([n_adapter_frames(int(n), frame_stack) + len(t) for n, t in zip(asr["n_frames"], asr["text_ids"])])
+        if qa is not None:
+            speech = np.array([n_adapter_frames(int(n), frame_stack) for n in qa["n_frames"]])
+            question = np.array([len(q) for q in qa["question_ids"]])
+            answer = np.array([len(a) for a in qa["answer_ids"]])
+            frames = np.asarray(qa["n_codes"]) + N_AUDIO_LAYERS + 1
+        out = []
+        for task, is_qa, row in self.items:
+            name = TASKS[task]
+            if not is_qa:
+                out.append(asr_len[row])
+                continue
+            q = speech[row] if name in SPEECH_IN_TASKS else question[row]
+            a = max(frames[row], answer[row] + 1) if name in ("a1a2", "t1a2") else answer[row]
+            out.append(q + a)
+        return np.asarray(out)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        task, is_qa, row = (int(v) for v in self.items[i])
+        return {**self.sources["qa" if is_qa else "asr"][row], "task": TASKS[task]}
+
+
 @dataclass
 class SpeechTextCollator:
-    """Lays out each row (ASR: speech prompt + transcript) and pads the batch on the right."""
+    """Lays out each row for its task (see layout.task_example) and pads the batch on the right.
+
+    ASR rows (audio + transcript) serve the asr task; QA rows serve a1t2, t1t2, a1a2 and t1a2.
+    `task` forces one task for every row (evaluation loaders); else rows carry their own."""
 
     layout: VocabLayout
     frame_stack: int
+    task: str | None = None
+
+    def _example(self, row: dict) -> tuple[Example, int, str]:
+        """(laid-out example, encoder frames it uses, reference answer text)."""
+        task = self.task or row.get("task", "asr")
+        n_frames = int(row["n_frames"])
+        speech_in = task in SPEECH_IN_TASKS
+        question: int | list[int] = n_adapter_frames(n_frames, self.frame_stack) if speech_in else row["question_ids"].tolist()
+        if "text_ids" in row:  # an ASR row
+            if task != "asr":
+                raise DataError(f"an ASR row (audio + transcript) cannot serve task '{task}'")
+            return task_example(self.layout, task, question, row["text_ids"].tolist()), n_frames, str(row["text"])
+        if task == "asr":  # a QA row used for ASR: transcribe the spoken question
+            answer = row["question_ids"].tolist()
+            return task_example(self.layout, task, question, answer), n_frames, str(row["question"])
+        codes = torch.from_numpy(np.asarray(row["codes"], dtype=np.int64).reshape(-1, N_AUDIO_LAYERS))
+        example = task_example(self.layout, task, question, row["answer_ids"].tolist(), codes)
+        return example, n_frames if speech_in else 0, str(row["answer"])
 
     def __call__(self, rows: list[dict]) -> dict:
-        examples = [
-            speech_to_text_example(self.layout, n_adapter_frames(int(r["n_frames"]), self.frame_stack), r["text_ids"].tolist())
-            for r in rows
-        ]
-        width = max(e.input_ids.shape[1] for e in examples)
-        frames = max(int(r["n_frames"]) for r in rows)
+        laid_out = [self._example(r) for r in rows]
+        width = max(e.input_ids.shape[1] for e, _, _ in laid_out)
+        frames = max(n for _, n, _ in laid_out)
         dim = rows[0]["encoder_states"].shape[-1]
         batch = len(rows)
         input_ids = pad_token_column(self.layout)[None, :, None].repeat(batch, 1, width)
@@ -264,18 +494,18 @@ class SpeechTextCollator:
         attention = torch.zeros(batch, width, dtype=torch.long)
         audio_mask = torch.zeros(batch, width, dtype=torch.bool)
         states = torch.zeros(batch, frames, dim)
-        for i, (e, r) in enumerate(zip(examples, rows)):
+        for i, ((e, n, _), r) in enumerate(zip(laid_out, rows)):
             t = e.input_ids.shape[1]
             input_ids[i, :, :t] = e.input_ids
             labels[i, :, :t] = e.labels
             attention[i, :t] = 1
             audio_mask[i, :t] = e.audio_mask
-            states[i, : int(r["n_frames"])] = torch.from_numpy(np.asarray(r["encoder_states"], dtype=np.float32))
+            states[i, :n] = torch.from_numpy(np.asarray(r["encoder_states"], dtype=np.float32)[:n])
         return {
             "input_ids": input_ids, "labels": labels, "attention_mask": attention, "audio_mask": audio_mask,
-            "encoder_states": states, "encoder_lengths": torch.tensor([int(r["n_frames"]) for r in rows]),
-            "texts": [str(r["text"]) for r in rows],  # references, for evaluation
-            "task_ids": torch.full((batch,), TASKS.index("asr")),  # index into stages.TASKS, per row
+            "encoder_states": states, "encoder_lengths": torch.tensor([n for _, n, _ in laid_out]),
+            "texts": [ref for _, _, ref in laid_out],  # reference answers (transcripts for asr), for evaluation
+            "task_ids": torch.tensor([TASKS.index(self.task or r.get("task", "asr")) for r in rows]),
         }
 
 
@@ -286,14 +516,15 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def train_loader(prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int, seed: int,
-                 num_workers: int = 0) -> DataLoader:
-    lengths = prepared["n_frames"]
+def train_loader(dataset: datasets.Dataset | TaskMixture, layout: VocabLayout, frame_stack: int, batch_size: int,
+                 seed: int, num_workers: int = 0) -> DataLoader:
+    lengths = dataset.lengths if isinstance(dataset, TaskMixture) else dataset["n_frames"]
     sampler = LengthGroupedSampler(lengths, batch_size, seed)
-    return DataLoader(prepared, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
                       collate_fn=SpeechTextCollator(layout, frame_stack), worker_init_fn=_ignore_stop_signals)
 
 
-def eval_loader(prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int) -> DataLoader:
+def eval_loader(prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int,
+                task: str | None = None) -> DataLoader:
     """In dataset order (no shuffle) so every utterance is scored exactly once."""
-    return DataLoader(prepared, batch_size=batch_size, shuffle=False, collate_fn=SpeechTextCollator(layout, frame_stack))
+    return DataLoader(prepared, batch_size=batch_size, shuffle=False, collate_fn=SpeechTextCollator(layout, frame_stack, task))

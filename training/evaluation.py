@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from training.layout import strip_text_answer
+from training.layout import N_AUDIO_LAYERS, strip_text_answer
 from training.text import normalize
 
 WER_METRIC_DIR = Path(__file__).parent / "metrics" / "wer"
@@ -32,7 +32,8 @@ def all_ranks_finished(accelerator: Accelerator) -> Callable[[bool], bool] | Non
 
 
 @torch.no_grad()
-def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int) -> tuple[list[str], list[str]]:
+def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int,
+               task: str = "asr") -> tuple[list[str], list[str]]:
     """Greedy transcripts and their references, gathered across processes, each utterance once.
 
     Every rank decodes the same number of batches (Accelerate pads the last one by repeating
@@ -42,7 +43,7 @@ def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, m
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sync = all_ranks_finished(accelerator)
     for batch in loader:
-        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens, stops, sync)
+        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens, stops, sync, task)
         texts = [tokenizer.decode(strip_text_answer(unwrapped.layout, row, stops)) for row in ids]
         predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
         references += accelerator.gather_for_metrics(batch["texts"], use_gather_object=True)
@@ -63,6 +64,35 @@ def evaluate_wer(accelerator: Accelerator, model, loader: DataLoader, tokenizer,
     predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens)
     model.train()
     return word_error_rate(predictions, references), list(zip(references, predictions))
+
+
+def answer_accuracy(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int,
+                    ) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """A1T2 on held-out spoken questions: greedy text answers, exact match after Whisper
+    normalization, each question counted once."""
+    model.eval()
+    predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens, task="a1t2")
+    model.train()
+    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
+    return {"accuracy": hits / len(references), "questions": len(references)}, list(zip(references, predictions))
+
+
+@torch.no_grad()
+def audio_token_scores(accelerator: Accelerator, model, loader: DataLoader) -> dict[str, float]:
+    """Teacher-forced scores of the answer speech (an A1A2 loader): greedy accuracy over SNAC code
+    positions of the 7 audio layers, and their mean cross-entropy (pads and eoa included)."""
+    model.eval()
+    totals = []
+    for batch in loader:
+        out = model(**model_inputs(batch))
+        audio = slice(0, N_AUDIO_LAYERS)
+        rows = torch.stack([out["row_correct"][:, audio].sum(-1), out["row_judged"][:, audio].sum(-1),
+                            out["row_loss_sum"][:, audio].sum(-1), out["row_count"][:, audio].sum(-1)], dim=-1)
+        totals.append(accelerator.gather_for_metrics(rows).sum(0))
+    model.train()
+    correct, judged, ce, count = torch.stack(totals).sum(0).tolist()
+    return {"accuracy": correct / max(judged, 1.0), "ce": ce / max(count, 1.0), "codes": int(judged),
+            "chance": 1 / 4096}
 
 
 @torch.no_grad()

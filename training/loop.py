@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -22,7 +24,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, Gradient
 
 from training import data as data_lib
 from training.checkpoint import TRAINER_STATE, StageCheckpoints, atomic_dir, read_json, write_json_atomic
-from training.evaluation import evaluate_wer, heldout_loss, model_inputs
+from training.evaluation import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss, model_inputs
 from training.report import write_report
 from training.model import OmniModel, build_model, is_omni_export, load_omni, parameter_summary, save_omni, set_trainable
 from training.stages import STAGE_NAMES, TASKS, Recipe, RecipeError, StageSpec, lr_at
@@ -56,7 +58,8 @@ class RunContext:
     init_from: Path | None = None
     max_steps: int | None = None  # overrides every stage's max (and caps its min)
     resume: str = "auto"  # "auto": continue from the latest checkpoint; "never": refuse a used dir
-    splits: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, Any] = field(default_factory=dict)  # ASR: audio + transcript
+    qa_splits: dict[str, Any] = field(default_factory=dict)  # spoken questions + answers (+ answer speech)
     pretrained: tuple[str, str] | None = None  # (encoder, llm) paths or hub ids
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows left out
 
@@ -132,6 +135,11 @@ def load_data_and_pretrained(ctx: RunContext) -> None:
     recipe = ctx.recipe
     with ctx.accelerator.main_process_first():
         ctx.splits = data_lib.load_speech_splits(recipe.data, ctx.cache_dir, recipe.corpus_scale, log=ctx.log)
+        wants_qa = any(task != "asr" and w > 0 for spec in recipe.stages for task, w in spec.task_mix.items())
+        if wants_qa and recipe.data.qa_dataset is None and recipe.data.dataset is not None:
+            ctx.log("no QA dataset given (--qa-dataset) beside the user ASR dataset: stages train their ASR share only")
+        elif wants_qa:
+            ctx.qa_splits = data_lib.load_qa_splits(recipe.data, ctx.cache_dir, recipe.corpus_scale, log=ctx.log)
         if recipe.encoder is None:
             from training.corpus import text_only_sentences
             from training.standins import QUICK_STANDINS, StandinConfig, build_standins
@@ -191,18 +199,25 @@ def dataset_name(ctx: RunContext) -> str:
 def validate_splits(ctx: RunContext, feature_extractor, max_rows: int | None) -> dict[str, data_lib.ValidationReport]:
     """Check rows of every split before any encoding (all rows, or max_rows spread over each).
     Bad rows stop the run naming them, unless the data spec says to skip them."""
-    spec, sr = ctx.recipe.data, feature_extractor.sampling_rate
+    spec, sr, window = ctx.recipe.data, feature_extractor.sampling_rate, feature_extractor.n_samples
     reports = {}
-    for split, ds in ctx.splits.items():
-        report = data_lib.validate_split(ds, f"dataset '{dataset_name(ctx)}', split '{split}'", spec, sr,
-                                         feature_extractor.n_samples, max_rows)
+    checks = [(f"dataset '{dataset_name(ctx)}', split '{s}'", ds, data_lib.asr_row_check(spec, sr, window))
+              for s, ds in ctx.splits.items()]
+    checks += [(f"dataset '{qa_dataset_name(ctx)}', split '{s}'", ds, data_lib.qa_row_check(spec, sr, window))
+               for s, ds in ctx.qa_splits.items()]
+    for where, ds, check in checks:
+        report = data_lib.validate_split(ds, where, check, max_rows)
         ctx.log(report.summary(sr))
         if report.bad and not spec.skip_bad_rows:
             shown = "\n  ".join(report.bad[:10])
             raise data_lib.DataError(f"{len(report.bad)} bad rows in {report.where} (of {report.checked:,} checked):\n  "
                                      f"{shown}\nFix them, or pass --skip-bad-rows to leave them out (they are counted)")
-        reports[split] = report
+        reports[where] = report
     return reports
+
+
+def qa_dataset_name(ctx: RunContext) -> str:
+    return ctx.recipe.data.qa_dataset or data_lib.EMBEDDED_QA
 
 
 def validate_only(ctx: RunContext) -> int:
@@ -237,6 +252,15 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
             if len(out[split]) < len(ds):
                 ctx.skipped_rows[split] = len(ds) - len(out[split])
                 ctx.log(f"split '{split}': left out {ctx.skipped_rows[split]} bad rows of {len(ds):,} (--skip-bad-rows)")
+        for split, ds in ctx.qa_splits.items():
+            name = f"qa:{split}"
+            out[name] = data_lib.prepare_qa_split(
+                ds, f"dataset '{qa_dataset_name(ctx)}', split '{split}'", ctx.recipe.data, feature_extractor, tokenizer,
+                encode=model.encode, encoder_key=key, n_mel_frames=model.n_mel_frames, cache_dir=ctx.cache_dir / "features",
+            )
+            if len(out[name]) < len(ds):
+                ctx.skipped_rows[name] = len(ds) - len(out[name])
+                ctx.log(f"split '{name}': left out {ctx.skipped_rows[name]} bad rows of {len(ds):,} (--skip-bad-rows)")
     return out
 
 
@@ -383,10 +407,21 @@ class StageRun:
         validate_splits(ctx, self.feature_extractor, recipe.data.validate_rows)  # a sample of big splits
         prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
         layout, k = model.layout, recipe.frame_stack
-        train_dl = data_lib.train_loader(prepared[recipe.data.train_split], layout, k, recipe.batch_size, recipe.seed,
-                                         recipe.num_workers)
+        train_set = prepared[recipe.data.train_split]
+        qa_train, qa_heldout = prepared.get(f"qa:{recipe.data.train_split}"), prepared.get(f"qa:{recipe.data.heldout_split}")
+        if set(spec.task_mix) != {"asr"}:
+            train_set = data_lib.TaskMixture(train_set, qa_train, dict(spec.task_mix), recipe.seed, k)
+            counts = collections.Counter(TASKS[t] for t in train_set.items[:, 0])
+            self.log("task mix: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()) + " items per epoch"
+                     + (f" (no data for {', '.join(train_set.dropped)})" if train_set.dropped else ""))
+        train_dl = data_lib.train_loader(train_set, layout, k, recipe.batch_size, recipe.seed, recipe.num_workers)
         eval_names = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])
         eval_dls = {s: data_lib.eval_loader(prepared[s], layout, k, recipe.eval_batch_size) for s in eval_names}
+        qa_dls = {}
+        if qa_heldout is not None:  # stage-boundary QA scores: text answers, and the answer speech
+            qa_dls["answer"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1t2")
+            if int(np.max(qa_heldout["n_codes"])) > 0:
+                qa_dls["speech"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1a2")
         self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
 
         # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)
@@ -394,11 +429,12 @@ class StageRun:
                                       betas=recipe.adam_betas, fused=True)
         self.model, self.optimizer, self.train_dl = acc.prepare(model, optimizer, train_dl)
         self.eval_dls = {s: acc.prepare(dl) for s, dl in eval_dls.items()}
+        self.qa_dls = {s: acc.prepare(dl) for s, dl in qa_dls.items()}
 
         if self.source == "pretrained" and "before" not in ctx.record()["stages"]:
             self.log("evaluating the untrained pipeline")
             ctx.update_record("before", {"complete": True, "heldout_loss": self.heldout_loss(),
-                                         "wer": self.evaluate_wer()})
+                                         "wer": self.evaluate_wer(), **self.evaluate_qa()})
 
         self.fingerprint = recipe_fingerprint(recipe, spec)
         self.state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": math.inf, "evals_since_best": 0,
@@ -599,6 +635,21 @@ class StageRun:
                 self.log(f"[{split}] hyp: {hyp}")
         return out
 
+    def evaluate_qa(self) -> dict[str, Any]:
+        """Held-out spoken questions: A1T2 answer accuracy and, with answer speech, the audio
+        layers' teacher-forced code accuracy and CE (chance: 1/4096)."""
+        out = {}
+        acc = self.ctx.accelerator
+        if "answer" in self.qa_dls:
+            scores, pairs = answer_accuracy(acc, self.model, self.qa_dls["answer"], self.tokenizer,
+                                            self.ctx.recipe.max_new_tokens)
+            out["answer"] = scores
+            for ref, hyp in pairs[:2]:
+                self.log(f"[answer] ref: {ref}  hyp: {hyp}")
+        if "speech" in self.qa_dls:
+            out["audio_tokens"] = audio_token_scores(acc, self.model, self.qa_dls["speech"])
+        return out
+
     def export(self) -> Path:
         """Stage-final weights in Hugging Face form, written atomically."""
         acc = self.ctx.accelerator
@@ -622,14 +673,22 @@ class StageRun:
         result = {
             "complete": True, "steps": self.state["step"], "stop_reason": self.stop_reason,
             "final_train_loss": sum(tail) / max(1, len(tail)), "heldout_loss": self.heldout_loss(), "wer": wer,
+            **self.evaluate_qa(),
             "seconds": round(self.elapsed(), 1), "export": str(final_dir), "tokens": self.state.get("tokens", 0),
             "skipped_steps": self.state["skipped_steps"], "skipped_rows": dict(self.ctx.skipped_rows),
         }
         self.ctx.update_record(self.stage, result)
         write_run_report(self.ctx)
         boundary = {f"{self.stage}/eval/wer_{split}": v["wer"] for split, v in wer.items()}
+        if "answer" in result:
+            boundary[f"{self.stage}/eval/answer_accuracy"] = result["answer"]["accuracy"]
+        if "audio_tokens" in result:
+            boundary[f"{self.stage}/eval/audio_token_accuracy"] = result["audio_tokens"]["accuracy"]
+            boundary[f"{self.stage}/eval/audio_token_ce"] = result["audio_tokens"]["ce"]
         self.ctx.accelerator.log(boundary | {f"{self.stage}/eval/heldout_loss": result["heldout_loss"]}, step=self.state["step"])
-        self.log("done: " + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items()))
+        self.log("done: " + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items())
+                 + (f", answer accuracy {result['answer']['accuracy']:.3f}" if "answer" in result else "")
+                 + (f", audio-token accuracy {result['audio_tokens']['accuracy']:.3f}" if "audio_tokens" in result else ""))
         heldout = wer[recipe.data.heldout_split]["wer"]
         if spec.max_wer is not None and heldout > spec.max_wer:
             raise WerGateFailed(
@@ -654,11 +713,18 @@ def run_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
 
 
 def format_wer_table(record: dict[str, Any], splits: list[str]) -> str:
-    rows = [f"{'after':<8}" + "".join(f"{s + ' WER':>14}" for s in splits) + f"{'steps':>8}{'seconds':>9}"]
-    for key in ("before", *STAGE_NAMES):
-        entry = record["stages"].get(key)
-        if not entry:
-            continue
-        cells = "".join(f"{entry['wer'][s]['wer'] * 100:>13.1f}%" if s in entry["wer"] else f"{'-':>14}" for s in splits)
+    """WER per split, and (with QA data) answer accuracy and audio-token accuracy, per boundary."""
+    entries = [(key, record["stages"][key]) for key in ("before", *STAGE_NAMES) if record["stages"].get(key)]
+    qa = any("answer" in e for _, e in entries)
+    header = f"{'after':<8}" + "".join(f"{s + ' WER':>14}" for s in splits)
+    if qa:
+        header += f"{'answer acc':>12}{'audio acc':>11}"
+    rows = [header + f"{'steps':>8}{'seconds':>9}"]
+    percent = lambda value, width: f"{value * 100:>{width - 1}.1f}%"  # noqa: E731
+    for key, entry in entries:
+        cells = "".join(percent(entry["wer"][s]["wer"], 14) if s in entry["wer"] else f"{'-':>14}" for s in splits)
+        if qa:
+            cells += percent(entry["answer"]["accuracy"], 12) if "answer" in entry else f"{'-':>12}"
+            cells += percent(entry["audio_tokens"]["accuracy"], 11) if "audio_tokens" in entry else f"{'-':>11}"
         rows.append(f"{key:<8}{cells}{entry.get('steps', 0):>8}{entry.get('seconds', 0):>9.0f}")
     return "\n".join(rows)

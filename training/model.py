@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2ForCausalLM, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from training.layout import (IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout, asr_prompt, n_adapter_frames,
+from training.layout import (IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout, a1t2_prompt, asr_prompt, n_adapter_frames,
                              pad_token_column)
 
 OMNI_CONFIG = "omni_config.json"
@@ -100,6 +100,10 @@ class OmniModel(nn.Module):
         every audio stream (the text stream keeps its pad_t)."""
         tokens = self.llm.get_input_embeddings()(input_ids)  # [B, 8, T, d]
         x = tokens.mean(dim=1)
+        if self.training and not bool(audio_mask.any()) and any(p.requires_grad for p in self.adapter.parameters()):
+            # A batch of text-only rows: touch the adapter (zero contribution) so that DDP and
+            # ZeRO see every trainable parameter in every step's graph.
+            x = x + 0.0 * self.adapter(x.new_zeros(1, 1, self.config.adapter_in)).sum()
         if encoder_states is not None and bool(audio_mask.any()):
             frames = self._adapter_frames(encoder_states, encoder_lengths)
             if frames.shape[0] != int(audio_mask.sum()):
@@ -133,17 +137,26 @@ class OmniModel(nn.Module):
         n_streams = N_AUDIO_LAYERS + 1
         row_sums = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
         row_counts = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
+        # greedy accuracy, for audio streams on SNAC code positions only (not pads and eoa)
+        row_correct = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
+        row_judged = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
         for stream, (start, end) in enumerate(self.layout.stream_slices()):
             keep = targets[:, stream] != IGNORE
             if bool(keep.any()):
                 logits = self.stream_logits(hidden[keep], start, end).float()
-                ce = F.cross_entropy(logits, targets[keep, stream] - start, reduction="none")
+                target = targets[keep, stream] - start
+                ce = F.cross_entropy(logits, target, reduction="none")
                 row_sums[:, stream] = row_sums[:, stream].index_add(0, rows[keep], ce)
                 row_counts[:, stream] = row_counts[:, stream].index_add(0, rows[keep], torch.ones_like(ce))
+                judged = (target < self.layout.audio_codes) if stream != TEXT_ROW else torch.ones_like(target, dtype=torch.bool)
+                hit = ((logits.detach().argmax(-1) == target) & judged).float()
+                row_correct[:, stream] = row_correct[:, stream].index_add(0, rows[keep], hit)
+                row_judged[:, stream] = row_judged[:, stream].index_add(0, rows[keep], judged.float())
         sums, counts = row_sums.sum(0), row_counts.sum(0)
         present = counts > 0
         loss = (sums[present] / counts[present]).mean() if bool(present.any()) else hidden.sum() * 0.0
-        return {"loss": loss, "row_loss_sum": row_sums, "row_count": row_counts}
+        return {"loss": loss, "row_loss_sum": row_sums, "row_count": row_counts, "row_correct": row_correct,
+                "row_judged": row_judged}
 
     def stream_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits over one stream's slice of the vocabulary. Multiplying by just that slice of the
@@ -158,7 +171,8 @@ class OmniModel(nn.Module):
 
     @torch.no_grad()
     def greedy_asr(self, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor, max_new_tokens: int,
-                   stop_ids: Sequence[int] = (), all_finished: Callable[[bool], bool] | None = None) -> list[list[int]]:
+                   stop_ids: Sequence[int] = (), all_finished: Callable[[bool], bool] | None = None,
+                   task: str = "asr") -> list[list[int]]:
         """Batched greedy ASR decoding with a KV cache; prompts are left-padded. A row ends at eot
         (or at any of stop_ids, e.g. the LLM's own end-of-text token) and then repeats eot.
 
@@ -168,7 +182,10 @@ class OmniModel(nn.Module):
         device = encoder_states.device
         k = self.config.frame_stack
         n_audio = [n_adapter_frames(int(n), k) for n in encoder_lengths]
-        prompts = [asr_prompt(layout, n) for n in n_audio]
+        if task not in ("asr", "a1t2"):
+            raise ValueError(f"greedy_asr decodes the speech-in, text-out tasks asr and a1t2, not {task!r}")
+        prompt = asr_prompt if task == "asr" else a1t2_prompt
+        prompts = [prompt(layout, n) for n in n_audio]
         width = max(p.shape[1] for p in prompts)
         batch = len(prompts)
         input_ids = pad_token_column(layout)[None, :, None].repeat(batch, 1, width)

@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", help="datasets source: save_to_disk folder, audiofolder or hub id")
     parser.add_argument("--audio-column", help="audio column name (default: audio)")
     parser.add_argument("--text-column", help="transcript column name (default: text)")
+    parser.add_argument("--qa-dataset", help="spoken QA source for the later stages' tasks (our schema or "
+                        "VoiceAssistant-400K's), or 'none'; default: the embedded QA corpus with the embedded ASR corpus")
+    parser.add_argument("--codec", help="SNAC 24 kHz checkpoint (path or hub id) to encode answer audio; "
+                        "default: seeded random weights")
     parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps")
     parser.add_argument("--resume", choices=["auto", "never"], default="auto",
                         help="auto: continue from the latest checkpoint; never: refuse a run dir that has one")
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe)
         data_changes = {k: v for k, v in (("dataset", args.dataset), ("audio_column", args.audio_column),
-                                          ("text_column", args.text_column)) if v is not None}
+                                          ("text_column", args.text_column), ("qa_dataset", args.qa_dataset),
+                                          ("codec", args.codec)) if v is not None}
         if args.skip_bad_rows:
             data_changes["skip_bad_rows"] = True
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))

@@ -102,7 +102,7 @@ SEED_STAGES: tuple[StageSpec, ...] = (
         description="adaption: LLM learns to answer from speech features (ASR kept in the mix)",
         min_steps=20_000, max_steps=30_000, lr_init=4e-6, lr_peak=4e-4,
         warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("llm",), train_text_specials=False, task_mix={"asr": 1.0},
+        trainable=("llm",), train_text_specials=False, task_mix={"asr": 0.5, "a1t2": 0.35, "t1t2": 0.15},
         eval_every=1_000, early_stop_patience=3, max_wer=None,
     ),
     StageSpec(
@@ -110,7 +110,8 @@ SEED_STAGES: tuple[StageSpec, ...] = (
         description="multimodal finetuning: adapter + LLM (encoder stays frozen)",
         min_steps=50_000, max_steps=60_000, lr_init=4e-6, lr_peak=4e-4,
         warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("adapter", "llm"), train_text_specials=False, task_mix={"asr": 1.0},
+        trainable=("adapter", "llm"), train_text_specials=False,
+        task_mix={"asr": 0.4, "a1t2": 0.15, "t1t2": 0.05, "a1a2": 0.2, "t1a2": 0.2},
         eval_every=2_000, early_stop_patience=3, max_wer=None,
     ),
 )
@@ -127,6 +128,16 @@ class DataSpec:
     audio_column: str = "audio"
     text_column: str = "text"
     max_eval_examples: int | None = None  # subsample eval splits (None = all)
+    # Spoken question answering (tasks a1t2, t1t2, a1a2, t1a2): None = the embedded QA corpus;
+    # "none" = no QA data (stages train their ASR share only); else a save_to_disk folder or hub
+    # id in our schema or VoiceAssistant-400K's (question, question_audio, answer, answer_snac).
+    qa_dataset: str | None = None
+    question_column: str = "question"
+    question_audio_column: str = "question_audio"
+    answer_column: str = "answer"
+    answer_snac_column: str = "answer_snac"  # "# c1 ... c7 # ..." per row, or
+    answer_audio_column: str = "answer_audio"  # ... answer speech, encoded with the codec below
+    codec: str | None = None  # SNAC 24 kHz checkpoint (path or hub id); None = seeded random weights
     validate_rows: int = 1_000  # rows per split checked before a stage starts (spread evenly; all if fewer)
     skip_bad_rows: bool = False  # drop (and count) rows that fail the checks instead of stopping
 

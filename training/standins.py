@@ -618,11 +618,16 @@ _UNUSED_DECODER = dict(decoder_layers=1, decoder_attention_heads=2, decoder_ffn_
 
 
 def save_untrained_checkpoints(root: str | Path, whisper: dict[str, Any], qwen2: dict[str, Any],
-                               feature_extractor: dict[str, Any] | None = None) -> tuple[str, str]:
+                               feature_extractor: dict[str, Any] | None = None, seed: int = 0) -> tuple[str, str]:
     """Random-weight Whisper (encoder fields in `whisper`) and Qwen2 checkpoints with a small BPE
-    tokenizer, saved with save_pretrained so they load by path like real ones. No training."""
+    tokenizer, saved with save_pretrained so they load by path like real ones. No training. The
+    weights depend on `seed` only (not on whatever used the global RNG before)."""
     enc, llm = Path(root) / "whisper", Path(root) / "qwen2"
-    WhisperModel(WhisperConfig(**whisper, **_UNUSED_DECODER)).save_pretrained(enc)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        whisper_model = WhisperModel(WhisperConfig(**whisper, **_UNUSED_DECODER))
+        qwen2_model = Qwen2ForCausalLM(Qwen2Config(**qwen2))
+    whisper_model.save_pretrained(enc)
     WhisperFeatureExtractor(**(feature_extractor or {})).save_pretrained(enc)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -630,7 +635,7 @@ def save_untrained_checkpoints(root: str | Path, whisper: dict[str, Any], qwen2:
     bpe.train_from_iterator(["the cat sat on the mat", "a dog ran"] * 20,
                             trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(llm)
-    Qwen2ForCausalLM(Qwen2Config(**qwen2)).save_pretrained(llm)
+    qwen2_model.save_pretrained(llm)
     return str(enc), str(llm)
 
 
