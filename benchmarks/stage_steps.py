@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="append the figures here as one JSON line")
     args = parser.parse_args()
 
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(MINI_OMNI)
     spec = MINI_OMNI.stage(args.stage)
     with tempfile.TemporaryDirectory() as tmp:
         paths = save_untrained_checkpoints(Path(tmp) / f"rank{accelerator.process_index}",

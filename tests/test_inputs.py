@@ -160,3 +160,31 @@ def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_pat
     assert code == 0, capsys.readouterr().out
     record = json.loads((tmp_path / "out" / "run_record.json").read_text())
     assert record["stages"]["asr"]["steps"] == 2 and record["stages"]["asr"]["skipped_rows"] == {"train": 2}
+
+
+def _qa_dataset(tmp_path, answer_snac: list[str]) -> str:
+    """A user QA dataset in VoiceAssistant-400K's schema (question, question_audio, answer, answer_snac)."""
+    features = datasets.Features({"question": datasets.Value("string"),
+                                  "question_audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                  "answer": datasets.Value("string"), "answer_snac": datasets.Value("string")})
+    rows = [{"question": "what is the opposite of hot", "question_audio": {"bytes": _wav(), "path": None},
+             "answer": "cold", "answer_snac": snac} for snac in answer_snac]
+    split = datasets.Dataset.from_list(rows, features=features).cast_column("question_audio", datasets.Audio(decode=False))
+    path = tmp_path / "qa"
+    datasets.DatasetDict({"train": split, "heldout": split}).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("snac, expected", [
+    ("# 1 2 3 4 5 6 7 # 8 9 10", "frame 1 has 3 codes, expected 7"),
+    ("# 1 2 3 4 5 6 x", "'x' is not an integer code"),
+    ("# 1 2 3 4 5 6 4096", "code 4096 outside [0, 4096)"),
+])
+def test_bad_answer_snac_is_named(tmp_path, tiny_checkpoints, capsys, snac, expected):
+    asr = _dataset(tmp_path, [{"speech": {"bytes": _wav(), "path": None}, "sentence": "the cat"}] * 2)
+    qa = _qa_dataset(tmp_path, ["# 1 2 3 4 5 6 7", snac])
+    code = _run(tmp_path, tiny_checkpoints, "--dataset", asr, "--audio-column", "speech", "--text-column", "sentence",
+                "--qa-dataset", qa, "--validate-data")
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert f"dataset '{qa}', split 'train', row 1, column 'answer_snac'" in out and expected in out

@@ -175,3 +175,30 @@ def test_run_report_and_tensorboard_scalars(three_stages):
         train = {"loss", "loss_text", "loss_task_asr", "lr", "grad_norm", "tokens_per_s", "padding"}
         assert {f"{stage}/train/{t}" for t in train} <= tags
         assert {f"{stage}/eval/wer_heldout", f"{stage}/eval/wer_dev", f"{stage}/eval/heldout_loss"} <= tags
+
+
+def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
+    """The quick run's final stage (a1a2 and t1a2 in its mix) lifts held-out audio-token accuracy
+    far above chance (1/4096), and the trained model answers a held-out spoken question in text
+    and speech: a 24 kHz WAV of exactly frames x 2048 samples."""
+    import soundfile as sf
+
+    from training.codec import load_codec
+    from training.inference import speak
+    from training.snac_codes import samples_per_frame
+
+    stages = json.loads((three_stages / "run_record.json").read_text())["stages"]
+    before, final = stages["before"]["audio_tokens"], stages["final"]["audio_tokens"]
+    assert final["codes"] > 0 and final["chance"] == 1 / 4096
+    assert final["accuracy"] > 100 * final["chance"] and final["accuracy"] > before["accuracy"]
+    assert final["ce"] < before["ce"]
+    assert stages["final"]["answer"]["questions"] == 40  # every held-out question scored once
+    losses = [json.loads(line) for line in (three_stages / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_audio0", "loss_audio6", "loss_text", "loss_task_a1a2", "loss_task_t1a2"} <= set(losses[-1])
+
+    model, tokenizer, _ = load_omni(three_stages / "final" / "final")
+    wav = tmp_path / "answer.wav"
+    text, frames = speak(model, tokenizer, load_codec(None), text="what is the opposite of hot", task="t1a2",
+                         wav_path=wav, max_new_tokens=40)
+    samples, rate = sf.read(wav)
+    assert rate == 24_000 and frames > 0 and len(samples) == frames * samples_per_frame()

@@ -476,6 +476,12 @@ class StageRun:
         return batch
 
     def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            self.batches = None  # let the loader's worker go now: a live iterator can hold the exit
+
+    def _train(self) -> None:
         recipe, spec, acc, state = self.ctx.recipe, self.spec, self.ctx.accelerator, self.state
         model, optimizer = self.model, self.optimizer
         if acc.is_main_process:  # drop log lines past the step we resumed at
