@@ -39,7 +39,10 @@ QUICK = {
     "stages": {
         "asr": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "max_wer": None},
         "second": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "max_wer": None},
-        "final": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "max_wer": None},
+        # final: longer, speech-heavy and at a higher peak LR, so that a test run can show the
+        # speech answers being learned (the demo keeps the seed's LR and mix)
+        "final": {"min_steps": 140, "max_steps": 150, "warmup_steps": 5, "eval_every": 50, "max_wer": None,
+                  "lr_peak": 1e-3, "task_mix": {"asr": 0.2, "a1t2": 0.2, "a1a2": 0.3, "t1a2": 0.3}},
     },
 }
 

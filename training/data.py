@@ -214,6 +214,13 @@ def validate_split(ds: datasets.Dataset, where: str, check: RowCheck, max_rows: 
     return report
 
 
+def tokenizer_key(tokenizer) -> str:
+    """Identity of a tokenizer by its vocabulary, not its path: every stage export carries a copy
+    of the same tokenizer, and the cached features must survive from stage to stage."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
 def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_extractor, tokenizer,
                   encode: Callable[[torch.Tensor], torch.Tensor], encoder_key: str, n_mel_frames: int,
                   cache_dir: Path, batch_size: int = 32) -> datasets.Dataset:
@@ -225,7 +232,7 @@ def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_extr
     max_frames = n_mel_frames // 2
     key = hashlib.sha256(json.dumps(
         [ds._fingerprint, where, spec.audio_column, spec.text_column, spec.skip_bad_rows, encoder_key,
-         tokenizer.name_or_path, len(tokenizer), feature_extractor.to_json_string(), n_mel_frames],
+         tokenizer_key(tokenizer), feature_extractor.to_json_string(), n_mel_frames],
         sort_keys=True).encode()).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -296,7 +303,7 @@ def prepare_qa_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_e
     max_frames = n_mel_frames // 2
     speech_out = has_answer_speech(ds, spec)
     key = hashlib.sha256(json.dumps(
-        ["qa", ds._fingerprint, where, dataclasses.asdict(spec), encoder_key, tokenizer.name_or_path, len(tokenizer),
+        ["qa", ds._fingerprint, where, dataclasses.asdict(spec), encoder_key, tokenizer_key(tokenizer),
          feature_extractor.to_json_string(), n_mel_frames], sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
     codec = None

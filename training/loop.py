@@ -422,6 +422,11 @@ class StageRun:
             qa_dls["answer"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1t2")
             if int(np.max(qa_heldout["n_codes"])) > 0:
                 qa_dls["speech"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1a2")
+                # the accuracy of always answering each layer's most frequent held-out code: a
+                # codec (e.g. the random-weight one) may use few codes, so chance alone flatters
+                codes = np.concatenate([np.asarray(c).reshape(-1, 7) for c in qa_heldout["codes"]])
+                self.majority_code_accuracy = float(np.mean([np.bincount(codes[:, i]).max() / len(codes)
+                                                             for i in range(codes.shape[1])]))
         self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
 
         # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)
@@ -654,6 +659,7 @@ class StageRun:
                 self.log(f"[answer] ref: {ref}  hyp: {hyp}")
         if "speech" in self.qa_dls:
             out["audio_tokens"] = audio_token_scores(acc, self.model, self.qa_dls["speech"])
+            out["audio_tokens"]["majority"] = self.majority_code_accuracy
         return out
 
     def export(self) -> Path:

@@ -13,6 +13,7 @@ The seed numbers (steps, initial and peak LR) are Mini-Omni's published recipe:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import math
@@ -271,7 +272,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if len(value) != len(args):
             raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
         return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (dict, Mapping, typing.Mapping) or annotation is Mapping:
+    if origin in (dict, Mapping, typing.Mapping, collections.abc.Mapping) or annotation is Mapping:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected an object, got {type(value).__name__} {value!r}")
         key_t, val_t = args or (str, Any)
