@@ -51,21 +51,37 @@ def load_speech_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "ful
         name = spec.dataset
         source = _load_user_dataset(spec.dataset)
     splits = {}
-    for split in dict.fromkeys(s for s in (spec.train_split, spec.heldout_split, spec.dev_split) if s):
+    for split, where, ds in _required_splits(source, name, (spec.train_split, spec.heldout_split, spec.dev_split),
+                                             (spec.audio_column, spec.text_column)):
+        check_column_types(ds, where, spec)
+        splits[split] = _undecoded_and_cut(ds, split, spec, (spec.audio_column,))
+    return splits
+
+
+def _required_splits(source: datasets.DatasetDict, name: str, split_names: Sequence[str | None],
+                     columns: Sequence[str]) -> Iterator[tuple[str, str, datasets.Dataset]]:
+    """(split, "dataset 'name', split 'split'", dataset) for each named split, which must exist
+    and hold `columns`; the error names what is missing and what is there."""
+    for split in dict.fromkeys(s for s in split_names if s):
         if split not in source:
             raise DataError(f"dataset '{name}': no split '{split}' (it has {sorted(source)})")
-        ds = source[split]
-        for column in (spec.audio_column, spec.text_column):
+        ds, where = source[split], f"dataset '{name}', split '{split}'"
+        for column in columns:
             if column not in ds.column_names:
-                raise DataError(f"dataset '{name}', split '{split}': no column '{column}' (columns: {ds.column_names})")
-        check_column_types(ds, f"dataset '{name}', split '{split}'", spec)
-        audio = ds.features[spec.audio_column]
-        if isinstance(audio, datasets.Audio) and audio.decode:  # we decode ourselves (no FFmpeg needed)
-            ds = ds.cast_column(spec.audio_column, datasets.Audio(decode=False))
-        if spec.max_eval_examples is not None and split != spec.train_split and len(ds) > spec.max_eval_examples:
-            ds = ds.select(range(spec.max_eval_examples))
-        splits[split] = ds
-    return splits
+                raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
+        yield split, where, ds
+
+
+def _undecoded_and_cut(ds: datasets.Dataset, split: str, spec: DataSpec, audio_columns: Sequence[str]) -> datasets.Dataset:
+    """Audio columns left undecoded (we decode ourselves: no FFmpeg needed); evaluation splits cut
+    to spec.max_eval_examples."""
+    for column in audio_columns:
+        feature = ds.features.get(column)
+        if isinstance(feature, datasets.Audio) and feature.decode:
+            ds = ds.cast_column(column, datasets.Audio(decode=False))
+    if spec.max_eval_examples is not None and split != spec.train_split and len(ds) > spec.max_eval_examples:
+        ds = ds.select(range(spec.max_eval_examples))
+    return ds
 
 
 def load_qa_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "full", log: Callable[[str], None] = print,
@@ -82,26 +98,15 @@ def load_qa_splits(spec: DataSpec, cache_dir: Path, corpus_scale: str = "full", 
         name = spec.qa_dataset
         source = _load_user_dataset(spec.qa_dataset)
     splits = {}
-    for split in dict.fromkeys(s for s in (spec.train_split, spec.heldout_split) if s):
-        if split not in source:
-            raise DataError(f"dataset '{name}': no split '{split}' (it has {sorted(source)})")
-        ds, where = source[split], f"dataset '{name}', split '{split}'"
-        for column in (spec.question_column, spec.question_audio_column, spec.answer_column):
-            if column not in ds.column_names:
-                raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
+    for split, where, ds in _required_splits(source, name, (spec.train_split, spec.heldout_split),
+                                             (spec.question_column, spec.question_audio_column, spec.answer_column)):
         check_column_types(ds, where, dataclasses.replace(spec, audio_column=spec.question_audio_column,
                                                           text_column=spec.question_column))
         for column in (spec.answer_column, spec.answer_snac_column):
             feature = ds.features.get(column)
             if feature is not None and not (isinstance(feature, datasets.Value) and "string" in feature.dtype):
                 raise DataError(f"{where}, column '{column}': expected a string column, got {feature}")
-        for column in (spec.question_audio_column, spec.answer_audio_column):
-            feature = ds.features.get(column)
-            if isinstance(feature, datasets.Audio) and feature.decode:
-                ds = ds.cast_column(column, datasets.Audio(decode=False))
-        if spec.max_eval_examples is not None and split != spec.train_split and len(ds) > spec.max_eval_examples:
-            ds = ds.select(range(spec.max_eval_examples))
-        splits[split] = ds
+        splits[split] = _undecoded_and_cut(ds, split, spec, (spec.question_audio_column, spec.answer_audio_column))
     return splits
 
 
