@@ -319,7 +319,7 @@ def prepare_qa_split(ds: datasets.Dataset, where: str, spec: DataSpec, feature_e
             return parsed["codes"].numpy()
         audio = row.get(spec.answer_audio_column)
         if audio is None:
-            return np.zeros((0, 7), dtype=np.int64)
+            return np.zeros((0, N_AUDIO_LAYERS), dtype=np.int64)
         from training.codec import encode_speech, load_codec
 
         codec = codec or load_codec(spec.codec)

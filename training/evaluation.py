@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from training.layout import N_AUDIO_LAYERS, strip_text_answer
+from training.snac_codes import SNAC_CODEBOOK
 from training.text import normalize
 
 WER_METRIC_DIR = Path(__file__).parent / "metrics" / "wer"
@@ -92,7 +93,7 @@ def audio_token_scores(accelerator: Accelerator, model, loader: DataLoader) -> d
     model.train()
     correct, judged, ce, count = torch.stack(totals).sum(0).tolist()
     return {"accuracy": correct / max(judged, 1.0), "ce": ce / max(count, 1.0), "codes": int(judged),
-            "chance": 1 / 4096}
+            "chance": 1 / SNAC_CODEBOOK}
 
 
 @torch.no_grad()

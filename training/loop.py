@@ -25,8 +25,9 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, Gradient
 from training import data as data_lib
 from training.checkpoint import TRAINER_STATE, StageCheckpoints, atomic_dir, read_json, write_json_atomic
 from training.evaluation import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss, model_inputs
-from training.report import write_report
+from training.layout import N_AUDIO_LAYERS, N_STREAMS
 from training.model import OmniModel, build_model, is_omni_export, load_omni, parameter_summary, save_omni, set_trainable
+from training.report import write_report
 from training.stages import STAGE_NAMES, TASKS, Recipe, RecipeError, StageSpec, lr_at
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
@@ -279,7 +280,6 @@ def optimizer_groups(model: OmniModel, weight_decay: float) -> list[dict[str, An
 # Per-step statistics, summed over micro-batches and then over ranks in ONE all-reduce:
 # [loss share, CE sum per stream (8), tokens per stream (8), CE sum per task, tokens per task,
 #  real positions, all positions]
-N_STREAMS = 8
 STEP_STATS = 1 + 2 * N_STREAMS + 2 * len(TASKS) + 2
 STREAM_NAMES = tuple(f"audio{i}" for i in range(N_STREAMS - 1)) + ("text",)
 
@@ -424,7 +424,7 @@ class StageRun:
                 qa_dls["speech"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1a2")
                 # the accuracy of always answering each layer's most frequent held-out code: a
                 # codec (e.g. the random-weight one) may use few codes, so chance alone flatters
-                codes = np.concatenate([np.asarray(c).reshape(-1, 7) for c in qa_heldout["codes"]])
+                codes = np.concatenate([np.asarray(c).reshape(-1, N_AUDIO_LAYERS) for c in qa_heldout["codes"]])
                 self.majority_code_accuracy = float(np.mean([np.bincount(codes[:, i]).max() / len(codes)
                                                              for i in range(codes.shape[1])]))
         self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
