@@ -2,7 +2,7 @@
 
     python benchmarks/eval_decoding.py --quick [--model EXPORT] [--rounds 3]
 
-Both sides are the real evaluation path: transcribe() (OmniModel.greedy_asr with a KV cache,
+Both sides are the real evaluation path: transcribe() (inference.generate with a KV cache,
 left-padded prompts, the recipe's max_new_tokens, stop at eot or the LLM's end-of-text) over an
 eval_loader prepared by Accelerate, as StageRun does. BATCHED uses the recipe's eval_batch_size,
 ONE-AT-A-TIME a batch size of 1. The utterances are the held-out and dev splits.

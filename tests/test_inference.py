@@ -1,5 +1,6 @@
-"""training.inference on tiny random checkpoints: agreement with greedy_asr, batched == one at a
-time, and an overfitted tiny model decoding its training answer (text, SNAC codes, WAV) exactly."""
+"""training.inference on tiny random checkpoints: agreement with uncached greedy decoding, batched
+== one at a time, stop ids, and an overfitted tiny model decoding its training answer (text, SNAC
+codes, WAV) exactly."""
 
 import numpy as np
 import pytest
@@ -52,34 +53,40 @@ def _speech_batch(model, fe, seconds=(2.0, 1.2, 0.5)):
     return padded, torch.cat(lengths)
 
 
-def test_asr_text_equals_greedy_asr(tiny):
+@pytest.mark.parametrize("task", ["asr", "a1t2"])
+def test_batched_text_generation_equals_one_at_a_time(tiny, task):
+    """Left-padded rows of different lengths decode as they do alone; a stop id ends a row early
+    (cut there, like eot) without changing the others."""
     model, _, fe = tiny
     states, lengths = _speech_batch(model, fe)
-    for stops in ((), None):
-        reference = model.greedy_asr(states, lengths, max_new_tokens=12, stop_ids=stops or ())
-        if stops is None:  # a second pass that also ends rows early on a stop id they emit
-            stops = (reference[0][2], reference[1][4])
-            reference = model.greedy_asr(states, lengths, max_new_tokens=12, stop_ids=stops)
-        ours = generate(model, "asr", encoder_states=states, encoder_lengths=lengths, max_new_tokens=12,
-                        stop_ids=stops)
-        assert [g.text_ids for g in ours] == [strip_text_answer(model.layout, r, stops) for r in reference]
-        assert all(g.audio_ids is None and g.codes is None for g in ours)
-    assert any(len(g.text_ids) >= 3 for g in ours)  # not vacuous: real tokens were compared
+    alone = lambda i, stops=(): generate(model, task, encoder_states=states[i : i + 1, : int(lengths[i])],  # noqa: E731
+                                         encoder_lengths=lengths[i : i + 1], max_new_tokens=12, stop_ids=stops)[0]
+    together = generate(model, task, encoder_states=states, encoder_lengths=lengths, max_new_tokens=12)
+    assert [g.text_ids for g in together] == [alone(i).text_ids for i in range(3)]
+    assert all(g.audio_ids is None and g.codes is None for g in together)
+    assert sum(len(g.text_ids) >= 3 for g in together) >= 2  # not vacuous: real tokens were compared
+    long = max(range(3), key=lambda i: len(together[i].text_ids))
+    stop = together[long].text_ids[2]
+    stopped = generate(model, task, encoder_states=states, encoder_lengths=lengths, max_new_tokens=12, stop_ids=[stop])
+    for i in range(3):
+        ids = together[i].text_ids
+        assert stopped[i].text_ids == (ids[: ids.index(stop)] if stop in ids else ids)
+        assert stopped[i].text_ids == alone(i, [stop]).text_ids
 
 
 def test_text_out_matches_uncached_recompute(tiny):
-    """a1t2 / t1t2 (prompts greedy_asr cannot build): the KV-cache decoder equals greedy decoding
-    that re-runs the whole sequence at every step."""
+    """asr / a1t2 / t1t2: the KV-cache decoder equals greedy decoding that re-runs the whole
+    sequence at every step."""
     model, _, fe = tiny
     layout = model.layout
     states, lengths = _speech_batch(model, fe, seconds=(0.7,))
-    for task, kwargs in (("a1t2", {"encoder_states": states, "encoder_lengths": lengths}),
-                         ("t1t2", {"question_ids": [[5, 9, 17, 3]]})):
+    speech = {"encoder_states": states, "encoder_lengths": lengths}
+    for task, kwargs in (("asr", speech), ("a1t2", speech), ("t1t2", {"question_ids": [[5, 9, 17, 3]]})):
         ours = generate(model, task, max_new_tokens=8, **kwargs)[0]
-        n_audio = [int((lengths[0] + 3) // 4)] if task == "a1t2" else None
+        n_audio = [int((lengths[0] + 3) // 4)] if task != "t1t2" else None
         seq = build_prompts(layout, task, n_audio=n_audio, question_ids=kwargs.get("question_ids"))[0][None]
         mask = torch.zeros(1, seq.shape[2], dtype=torch.bool)
-        if task == "a1t2":
+        if task != "t1t2":
             mask[0, 1 : 1 + n_audio[0]] = True
         tokens = []
         with torch.no_grad():

@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from training.layout import N_AUDIO_LAYERS, strip_text_answer
+from training.inference import generate
+from training.layout import N_AUDIO_LAYERS
 from training.snac_codes import SNAC_CODEBOOK
 from training.text import normalize
 
@@ -44,8 +45,10 @@ def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, m
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sync = all_ranks_finished(accelerator)
     for batch in loader:
-        ids = unwrapped.greedy_asr(batch["encoder_states"], batch["encoder_lengths"], max_new_tokens, stops, sync, task)
-        texts = [tokenizer.decode(strip_text_answer(unwrapped.layout, row, stops)) for row in ids]
+        answers = generate(unwrapped, task, encoder_states=batch["encoder_states"],
+                           encoder_lengths=batch["encoder_lengths"], max_new_tokens=max_new_tokens, stop_ids=stops,
+                           all_finished=sync)
+        texts = [tokenizer.decode(answer.text_ids) for answer in answers]
         predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
         references += accelerator.gather_for_metrics(batch["texts"], use_gather_object=True)
     return predictions, references

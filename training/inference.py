@@ -109,8 +109,8 @@ def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = Non
     """Batched greedy decoding of text (+ speech for a1a2/t1a2) with a KV cache; see the module
     docstring for the per-step rules.
 
-    encoder_states [B, F, d] / encoder_lengths [B]: speech-in tasks (asr, a1t2, a1a2), as
-    model.greedy_asr takes them. question_ids: text-in tasks (t1t2, t1a2), one id list per row.
+    encoder_states [B, F, d] / encoder_lengths [B]: speech-in tasks (asr, a1t2, a1a2), as the
+    evaluation collator pads them. question_ids: text-in tasks (t1t2, t1a2), one id list per row.
     all_finished(local) -> global: under ZeRO-3 every forward gathers parameters from all ranks,
     so all ranks must take the same number of steps; the caller reduces the flag across them.
     """
@@ -165,7 +165,7 @@ def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = Non
             text_logits = logits[:, : layout.text_size]
         else:
             logits = None
-            text_logits = model.stream_logits(last, 0, layout.text_size)  # greedy_asr's exact call
+            text_logits = model.stream_logits(last, 0, layout.text_size)  # text-out: the text slice only
         text = text_logits.argmax(-1)
         text = torch.where(text_over, torch.full_like(text, layout.pad_t), text)
         ends_now = torch.isin(text, stops)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2ForCausalLM, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from training.layout import (IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout, a1t2_prompt, asr_prompt, n_adapter_frames,
-                             pad_token_column)
+from training.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout
 
 OMNI_CONFIG = "omni_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -166,67 +165,6 @@ class OmniModel(nn.Module):
         if hasattr(head.weight, "ds_id"):
             return head(hidden)[..., start:end]
         return F.linear(hidden, head.weight[start:end], None if head.bias is None else head.bias[start:end])
-
-    # -- inference ---------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def greedy_asr(self, encoder_states: torch.Tensor, encoder_lengths: torch.Tensor, max_new_tokens: int,
-                   stop_ids: Sequence[int] = (), all_finished: Callable[[bool], bool] | None = None,
-                   task: str = "asr") -> list[list[int]]:
-        """Batched greedy ASR decoding with a KV cache; prompts are left-padded. A row ends at eot
-        (or at any of stop_ids, e.g. the LLM's own end-of-text token) and then repeats eot.
-
-        all_finished(local) -> global: under ZeRO-3 every forward gathers parameters from all
-        ranks, so all ranks must take the same number of steps; the caller reduces across them."""
-        layout = self.layout
-        device = encoder_states.device
-        k = self.config.frame_stack
-        n_audio = [n_adapter_frames(int(n), k) for n in encoder_lengths]
-        if task not in ("asr", "a1t2"):
-            raise ValueError(f"greedy_asr decodes the speech-in, text-out tasks asr and a1t2, not {task!r}")
-        prompt = asr_prompt if task == "asr" else a1t2_prompt
-        prompts = [prompt(layout, n) for n in n_audio]
-        width = max(p.shape[1] for p in prompts)
-        batch = len(prompts)
-        input_ids = pad_token_column(layout)[None, :, None].repeat(batch, 1, width)
-        attention = torch.zeros(batch, width, dtype=torch.long)
-        audio_mask = torch.zeros(batch, width, dtype=torch.bool)
-        for row, (prompt, n) in enumerate(zip(prompts, n_audio)):
-            offset = width - prompt.shape[1]
-            input_ids[row, :, offset:] = prompt
-            attention[row, offset:] = 1
-            audio_mask[row, offset + 1 : offset + 1 + n] = True
-        input_ids, attention, audio_mask = input_ids.to(device), attention.to(device), audio_mask.to(device)
-        x = self.embed(input_ids, audio_mask, encoder_states, encoder_lengths)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.llm.model(inputs_embeds=x, attention_mask=attention, position_ids=positions, use_cache=True)
-        cache = out.cache
-        last = out.last_hidden_state[:, -1]
-        filler = pad_token_column(layout).to(device)
-        generated = torch.empty(batch, 0, dtype=torch.long, device=device)
-        stops = torch.tensor([layout.eot, *stop_ids], device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits = self.stream_logits(last, 0, layout.text_size)
-            token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, layout.eot), token)
-            generated = torch.cat([generated, token[:, None]], dim=1)
-            done |= torch.isin(token, stops)
-            finished = bool(done.all())
-            if all_finished is not None:
-                finished = all_finished(finished)
-            if finished:
-                break
-            column = filler[None, :].repeat(batch, 1)
-            column[:, TEXT_ROW] = token
-            step_x = self.llm.get_input_embeddings()(column).mean(dim=1)[:, None]
-            attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.llm.model(inputs_embeds=step_x, attention_mask=attention, position_ids=positions,
-                                 cache=cache, use_cache=True)
-            cache = out.cache
-            last = out.last_hidden_state[:, -1]
-        return generated.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
