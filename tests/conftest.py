@@ -31,14 +31,18 @@ def tiny_checkpoints(tmp_path_factory) -> tuple[str, str]:
     )
 
 
-# The demo recipe cut down for tests: quick corpus and stand-ins, 30-40 steps a stage, and no WER
-# gates (a few dozen steps cannot pass them; test_gate checks the gate itself).
+# The demo recipe cut down for tests: quick corpus and stand-ins, short stages at higher peak LRs,
+# and no WER gates (test_wer_gate_stops_a_multi_stage_run checks the gate itself). Tests that only
+# need a few steps cap them with --max-steps.
 QUICK = {
     "base": "demo", "name": "demo-quick", "corpus_scale": "quick", "standin_scale": "quick",
-    "batch_size": 16, "save_every": 20, "log_every": 10, "eval_batch_size": 40,
+    "batch_size": 16, "save_every": 100, "log_every": 10, "eval_batch_size": 40,
     "stages": {
-        "asr": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "max_wer": None},
-        "second": {"min_steps": 30, "max_steps": 40, "warmup_steps": 5, "eval_every": 20, "max_wer": None},
+        "asr": {"min_steps": 290, "max_steps": 300, "warmup_steps": 20, "eval_every": 100, "max_wer": None,
+                "lr_peak": 3e-3},
+        # second: long enough for the LLM to answer spoken questions better than a constant answer
+        "second": {"min_steps": 990, "max_steps": 1000, "warmup_steps": 20, "eval_every": 250, "max_wer": None,
+                   "lr_peak": 1e-3},
         # final: longer, speech-heavy and at a higher peak LR, so that a test run can show the
         # speech answers being learned (the demo keeps the seed's LR and mix)
         "final": {"min_steps": 140, "max_steps": 150, "warmup_steps": 5, "eval_every": 50, "max_wer": None,

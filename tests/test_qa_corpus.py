@@ -35,7 +35,7 @@ def built(tmp_path_factory) -> tuple[Path, datasets.DatasetDict, list[str]]:
 def test_splits_columns_and_sizes(built) -> None:
     _, corpus, _ = built
     assert set(corpus) == {"train", "dev", "heldout"}
-    assert {name: len(ds) for name, ds in corpus.items()} == {"train": 300, "dev": 40, "heldout": 40}
+    assert {name: len(ds) for name, ds in corpus.items()} == {"train": 1200, "dev": 40, "heldout": 100}
     for ds in corpus.values():
         assert ds.column_names[:4] == ["question", "question_audio", "answer", "answer_snac"]
         for column in ("question_audio", "answer_audio"):
@@ -92,8 +92,8 @@ def test_every_heldout_answer_is_taught_in_training(built) -> None:
         for r, k, a in zip(ds["relation"], ds["keyword"], ds["answer"]):
             assert taught.get((r, k)) == {a}, f"{name}: {r} of {k!r} -> {a!r} not taught"
     assert len(set(corpus["heldout"]["relation"])) == 8  # the interleaving covers every relation
-    # 300 rows over 121 facts: every fact in at least two training phrasings
-    assert min(len(qs) for qs in phrasings.values()) >= 2
+    # 1,200 rows over 121 facts: every fact in all four of its training phrasings
+    assert len(phrasings) == 121 and {len(qs) for qs in phrasings.values()} == {4}
 
 
 def test_answer_snac_is_the_assistant_speech(built) -> None:
@@ -128,7 +128,7 @@ def test_rebuild_hits_the_cache(built) -> None:
 
 
 def test_config_checks() -> None:
-    assert (QUICK.n_train, QUICK.n_dev, QUICK.n_heldout) == (300, 40, 40)
+    assert (QUICK.n_train, QUICK.n_dev, QUICK.n_heldout) == (1200, 40, 100)
     assert qa_corpus_config("full") == QACorpusConfig()
     with pytest.raises(ValueError, match="scale"):
         qa_corpus_config("tiny")

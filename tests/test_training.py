@@ -15,6 +15,8 @@ from training.model import load_omni
 from training.run import main
 from training.stages import load_recipe
 
+from conftest import QUICK
+
 ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
@@ -36,7 +38,8 @@ def test_all_stages_record_and_lower_heldout_loss(three_stages):
     assert list(stages) == ["before", "asr", "second", "final"]
     for name in ("asr", "second", "final"):
         entry = stages[name]
-        assert entry["complete"] and 30 <= entry["steps"] <= (150 if name == "final" else 40) and entry["seconds"] > 0
+        steps = QUICK["stages"][name]
+        assert entry["complete"] and steps["min_steps"] <= entry["steps"] <= steps["max_steps"] and entry["seconds"] > 0
         assert set(entry["wer"]) == {"heldout", "dev"}
         assert entry["wer"]["heldout"]["utterances"] == 40
     # each stage lowers held-out loss against the untrained pipeline, and training continues to help
@@ -179,8 +182,9 @@ def test_run_report_and_tensorboard_scalars(three_stages):
 
 def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
     """The quick run's final stage (a1a2 and t1a2 in its mix) lifts held-out audio-token accuracy
-    far above chance (1/4096), and the exported model answers a question through the inference
-    helper: a 24 kHz WAV of exactly frames x 2048 samples."""
+    far above chance (1/4096) and above always emitting each layer's commonest code, answers held-out
+    spoken questions in text better than a constant answer, and the exported model answers a
+    question through the inference helper: a 24 kHz WAV of exactly frames x 2048 samples."""
     import soundfile as sf
 
     from training.codec import load_codec
@@ -191,11 +195,16 @@ def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
     before, final = stages["before"]["audio_tokens"], stages["final"]["audio_tokens"]
     assert final["codes"] > 0 and final["chance"] == 1 / 4096
     assert final["accuracy"] > 0.2 > 100 * final["chance"] and final["accuracy"] > before["accuracy"]
-    assert 0 < final["majority"] < 1  # reported beside it: the random codec uses few codes
+    assert 0 < final["majority"] < final["accuracy"]  # the random codec uses few codes: beat the commonest
     assert final["ce"] < before["ce"]
-    assert stages["final"]["answer"]["questions"] == 40  # every held-out question scored once
+    # A1T2 on 100 held-out spoken questions (new phrasings, unseen voices), every one scored once,
+    # above the floor of always giving the commonest training answer
+    answer = stages["final"]["answer"]
+    assert answer["questions"] == 100 and 0 < answer["majority"] < 0.1
+    assert answer["accuracy"] > answer["majority"]
     losses = [json.loads(line) for line in (three_stages / "final" / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss_audio0", "loss_audio6", "loss_text", "loss_task_a1a2", "loss_task_t1a2"} <= set(losses[-1])
+    # per-stream and per-task losses (a batch logs the tasks it holds; length grouping mixes few)
+    assert {"loss_audio0", "loss_audio6", "loss_text", "loss_task_a1a2", "loss_task_t1a2"} <= set().union(*losses)
 
     model, tokenizer, _ = load_omni(three_stages / "final" / "final")
     wav = tmp_path / "answer.wav"

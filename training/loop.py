@@ -29,6 +29,7 @@ from training.layout import N_AUDIO_LAYERS, N_STREAMS
 from training.model import OmniModel, build_model, is_omni_export, load_omni, parameter_summary, save_omni, set_trainable
 from training.report import write_report
 from training.stages import STAGE_NAMES, TASKS, Recipe, RecipeError, StageSpec, lr_at
+from training.text import normalize
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
 RECORD = "run_record.json"
@@ -149,7 +150,16 @@ def load_data_and_pretrained(ctx: RunContext) -> None:
             # Text-only sentences of the corpus grammar (never a dev or held-out one) for the
             # stand-in LLM: a pretrained LLM knows the language, not just the ASR transcripts.
             extra = text_only_sentences(data_lib.corpus_config(recipe.corpus_scale), recipe.standin_lm_texts)
-            paths = build_standins(ctx.splits[recipe.data.train_split], ctx.cache_dir, config, log=ctx.log, extra_texts=extra)
+            # ...and it knows the facts the training questions ask for. The held-out questions only
+            # score it (in text): the most that answering them by speech could reach.
+            def qa_pairs(split: str | None) -> list[tuple[str, str]]:
+                ds = ctx.qa_splits.get(split)
+                return [] if ds is None else list(dict.fromkeys(zip(ds[recipe.data.question_column],
+                                                                    ds[recipe.data.answer_column])))
+
+            paths = build_standins(ctx.splits[recipe.data.train_split], ctx.cache_dir, config, log=ctx.log,
+                                   extra_texts=extra, qa_pairs=qa_pairs(recipe.data.train_split),
+                                   qa_heldback=qa_pairs(recipe.data.heldout_split))
             ctx.pretrained = (str(paths[0]), str(paths[1]))
         elif ctx.pretrained is None:
             ctx.pretrained = (recipe.encoder, recipe.llm)
@@ -375,6 +385,8 @@ class StageRun:
         self.checkpoints = StageCheckpoints(self.dir, ctx.recipe.keep_last)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.stop_reason = "max_steps"
+        self.majority_answer_accuracy: float | None = None  # baselines, set up with the QA loaders
+        self.majority_code_accuracy: float | None = None
 
     def log(self, message: str) -> None:
         self.ctx.log(f"[{self.stage}] {message}")
@@ -420,6 +432,11 @@ class StageRun:
         qa_dls = {}
         if qa_heldout is not None:  # stage-boundary QA scores: text answers, and the answer speech
             qa_dls["answer"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1t2")
+            # the accuracy of always giving the most frequent training answer: the floor a model
+            # that hears nothing of the question reaches
+            if qa_train is not None:
+                commonest = collections.Counter(normalize(a) for a in qa_train["answer"]).most_common(1)[0][0]
+                self.majority_answer_accuracy = float(np.mean([normalize(a) == commonest for a in qa_heldout["answer"]]))
             if int(np.max(qa_heldout["n_codes"])) > 0:
                 qa_dls["speech"] = data_lib.eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1a2")
                 # the accuracy of always answering each layer's most frequent held-out code: a
@@ -655,6 +672,8 @@ class StageRun:
             scores, pairs = answer_accuracy(acc, self.model, self.qa_dls["answer"], self.tokenizer,
                                             self.ctx.recipe.max_new_tokens)
             out["answer"] = scores
+            if self.majority_answer_accuracy is not None:
+                out["answer"]["majority"] = self.majority_answer_accuracy
             for ref, hyp in pairs[:2]:
                 self.log(f"[answer] ref: {ref}  hyp: {hyp}")
         if "speech" in self.qa_dls:

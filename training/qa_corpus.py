@@ -139,7 +139,7 @@ def qa_corpus_config(scale: str) -> QACorpusConfig:
     if scale == "full":
         return QACorpusConfig()
     if scale == "quick":
-        return QACorpusConfig(n_train=300, n_dev=40, n_heldout=40)
+        return QACorpusConfig(n_train=1200, n_dev=40, n_heldout=100)
     raise ValueError(f"QA corpus scale is 'full' or 'quick', got {scale!r}")
 
 

@@ -49,13 +49,14 @@ __all__ = [
 ]
 
 LogFn = Callable[[str], None]
+QAPair = tuple[str, str]  # (question, answer) text
 
 # CTC output classes: index 0 is the blank, then these characters.
 CTC_ALPHABET = " 'abcdefghijklmnopqrstuvwxyz"
 CTC_HEAD_FILE = "ctc_head.safetensors"
 SUMMARY_FILE = "standins.json"
 # Bump when the training recipe changes in a way the config does not capture, so caches rebuild.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # Qwen2's pre-tokenizer split. transformers 5 loads any tokenizer saved next to a qwen2 config as
 # Qwen2Tokenizer, which rebuilds the pipeline around this regex from vocab + merges; training
@@ -116,6 +117,7 @@ class StandinConfig:
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
     sep_token: str = "<|sep|>"  # separates the two copies in the copy task
+    answer_token: str = "<|answer|>"  # separates a question from its answer in the QA share
     # LM training: a share of each batch is plain next-token LM, the rest the copy task
     # (bos + s + sep + s + eos, scored on the second copy). Measured on the default corpus: copying
     # only "clicks" after ~500 steps; 1,000 steps at 1e-3 repeat ~78 % of unseen sentences exactly
@@ -130,6 +132,10 @@ class StandinConfig:
     # Share of copy-task sentences whose words are shuffled first, so they cannot be recalled from
     # memory. Off by default: at 1,000 steps it slowed learning to copy (64 % vs 78 % exact).
     copy_shuffle_fraction: float = 0.0
+    # Share of each batch that is question answering (bos + question + answer_token + answer + eos,
+    # scored on the answer) when QA pairs are given: a pretrained LLM already knows the facts a
+    # spoken question asks for, and the later stages teach it to hear the question.
+    qa_fraction: float = 0.25
     lr_floor_ratio: float = 0.05  # cosine decay ends at this fraction of the peak LR
     log_every: int = field(default=50, metadata=_runtime())
     num_threads: int | None = field(default=None, metadata=_runtime())  # None: all cores
@@ -147,7 +153,9 @@ class StandinConfig:
             raise ValueError("d_model / llm_hidden must be divisible by their head counts")
         if self.llm_heads % self.llm_kv_heads:
             raise ValueError(f"llm_heads={self.llm_heads} is not a multiple of llm_kv_heads={self.llm_kv_heads}")
-        for name in ("copy_fraction", "copy_shuffle_fraction"):
+        if self.copy_fraction + self.qa_fraction > 1.0:
+            raise ValueError(f"copy_fraction + qa_fraction must be at most 1, got {self.copy_fraction + self.qa_fraction}")
+        for name in ("copy_fraction", "copy_shuffle_fraction", "qa_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.vtlp_warp < 1.0:
@@ -176,18 +184,19 @@ def _data_fingerprint(train: Dataset) -> str:
     return hasher.hexdigest()
 
 
-def _cache_key(config: StandinConfig, train: Dataset, extra_texts: Sequence[str] = ()) -> str:
+def _cache_key(config: StandinConfig, train: Dataset, extra_texts: Sequence[str] = (),
+               qa_pairs: Sequence[QAPair] = ()) -> str:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cache_key", True)}
-    extra = hashlib.sha256("\n".join(extra_texts).encode()).hexdigest()
+    extra = hashlib.sha256(json.dumps([list(extra_texts), [list(p) for p in qa_pairs]]).encode()).hexdigest()
     payload = json.dumps({"recipe": RECIPE_VERSION, "config": fields, "data": _data_fingerprint(train), "extra": extra},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def standins_dir(cache_dir: str | Path, train: Dataset, config: StandinConfig = StandinConfig(),
-                 extra_texts: Sequence[str] = ()) -> Path:
+                 extra_texts: Sequence[str] = (), qa_pairs: Sequence[QAPair] = ()) -> Path:
     """Where `build_standins` keeps (or will keep) the stand-ins for this config and data."""
-    return Path(cache_dir) / f"standins-{_cache_key(config, train, extra_texts)}"
+    return Path(cache_dir) / f"standins-{_cache_key(config, train, extra_texts, qa_pairs)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,7 +466,7 @@ def _train_tokenizer(texts: list[str], config: StandinConfig) -> PreTrainedToken
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
-    specials = [config.eos_token, config.bos_token, config.pad_token, config.sep_token]
+    specials = [config.eos_token, config.bos_token, config.pad_token, config.sep_token, config.answer_token]
     trainer = trainers.BpeTrainer(vocab_size=config.tokenizer_vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
@@ -475,6 +484,11 @@ def _lm_example(ids: list[int], copy: bool, bos: int, eos: int, sep: int) -> tup
         tokens = [bos, *ids, eos]
         labels = [-100, *ids, eos]
     return tokens, labels
+
+
+def _qa_example(question: list[int], answer: list[int], bos: int, eos: int, marker: int) -> tuple[list[int], list[int]]:
+    """bos + question + marker + answer + eos, scored on the answer and its eos."""
+    return [bos, *question, marker, *answer, eos], [-100] * (len(question) + 2) + [*answer, eos]
 
 
 def _lm_batch(examples: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
@@ -512,12 +526,27 @@ def _copy_accuracy(model: Qwen2ForCausalLM, encoded: list[list[int]], bos: int, 
     return correct / max(1, len(encoded))
 
 
+@torch.no_grad()
+def _qa_accuracy(model: Qwen2ForCausalLM, pairs: list[tuple[list[int], list[int]]], bos: int, eos: int, marker: int,
+                 pad: int) -> float:
+    """Share of questions whose greedy answer after bos + question + marker is exactly right."""
+    model.eval()
+    correct = 0
+    for question, answer in pairs:
+        prompt = torch.tensor([[bos, *question, marker]])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(answer) + 1,
+                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        correct += out[0, prompt.shape[1]:].tolist() == [*answer, eos]
+    return correct / max(1, len(pairs))
+
+
 def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config: StandinConfig,
-               log: LogFn) -> dict[str, float]:
+               log: LogFn, qa_pairs: Sequence[QAPair] = (), qa_heldback: Sequence[QAPair] = ()) -> dict[str, float]:
     started = time.perf_counter()
-    tokenizer = _train_tokenizer(texts, config)
-    bos, eos, pad, sep = (tokenizer.convert_tokens_to_ids(t) for t in
-                          (config.bos_token, config.eos_token, config.pad_token, config.sep_token))
+    tokenizer = _train_tokenizer(texts + [t for pair in qa_pairs for t in pair], config)
+    bos, eos, pad, sep, marker = (tokenizer.convert_tokens_to_ids(t) for t in
+                                  (config.bos_token, config.eos_token, config.pad_token, config.sep_token,
+                                   config.answer_token))
     for sample in texts[:200]:
         # NFC-normalized text must come back unchanged (the normalizer rewrites anything else).
         if unicodedata.normalize("NFC", sample) == sample and tokenizer.decode(tokenizer.encode(sample)) != sample:
@@ -526,6 +555,8 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
     encoded = [tokenizer.encode(t) for t in texts]
     words = [t.split(" ") for t in texts]
     encoded_check = [tokenizer.encode(t) for t in heldback_texts]
+    encode_pairs = lambda pairs: [(tokenizer.encode(q), tokenizer.encode(a)) for q, a in pairs]  # noqa: E731
+    encoded_qa, encoded_qa_check = encode_pairs(qa_pairs), encode_pairs(qa_heldback)
     longest = max(2 * len(ids) + 3 for ids in encoded)
     if longest > config.max_position_embeddings:
         raise ValueError(f"a copy-task sequence has {longest} tokens, over max_position_embeddings="
@@ -543,27 +574,34 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = bos, eos
     model.generation_config.pad_token_id = pad
     n_params = sum(p.numel() for p in model.parameters())
+    n_copy = round(config.lm_batch_size * config.copy_fraction)
+    n_qa = round(config.lm_batch_size * config.qa_fraction) if encoded_qa else 0
     log(f"stand-in LLM: tokenizer {len(tokenizer)} tokens (vocab_size {vocab_size}), {n_params / 1e6:.2f} M "
-        f"parameters, {config.lm_steps} steps of batch {config.lm_batch_size} "
-        f"({config.copy_fraction:.0%} copy task), peak LR {config.lm_lr:g}")
+        f"parameters, {config.lm_steps} steps of batch {config.lm_batch_size} ({n_copy} copy task, "
+        f"{n_qa} question answering over {len(encoded_qa)} pairs), peak LR {config.lm_lr:g}")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lm_lr, betas=(0.9, 0.98),
                                   weight_decay=config.lm_weight_decay)
     rng = np.random.default_rng(config.seed)
-    n_copy = round(config.lm_batch_size * config.copy_fraction)
     is_copy = torch.tensor([i < n_copy for i in range(config.lm_batch_size)])
+    is_lm = torch.tensor([i >= n_copy + n_qa for i in range(config.lm_batch_size)])
     recent_lm: list[float] = []
     recent_copy: list[float] = []
+    recent_qa: list[float] = []
     final: dict[str, float] = {}
     t0 = time.perf_counter()
     model.train()
     for step in range(config.lm_steps):
+        # rows in batch order: copy task, question answering, plain LM
         examples = []
-        for i, copy in zip(rng.integers(0, len(encoded), size=config.lm_batch_size).tolist(), is_copy.tolist()):
+        for i in rng.integers(0, len(encoded), size=n_copy).tolist():
             ids = encoded[i]
-            if copy and rng.random() < config.copy_shuffle_fraction:
+            if rng.random() < config.copy_shuffle_fraction:
                 ids = tokenizer.encode(" ".join(rng.permutation(words[i]).tolist()))
-            examples.append(_lm_example(ids, copy, bos, eos, sep))
+            examples.append(_lm_example(ids, True, bos, eos, sep))
+        examples += [_qa_example(*encoded_qa[i], bos, eos, marker) for i in rng.integers(0, len(encoded_qa) or 1, size=n_qa)]
+        examples += [_lm_example(encoded[i], False, bos, eos, sep)
+                     for i in rng.integers(0, len(encoded), size=config.lm_batch_size - n_copy - n_qa)]
         batch = _lm_batch(examples, pad)
         _set_lr(optimizer, _lr_at(step, config.lm_steps, config.lm_warmup_steps, config.lm_lr, config.lr_floor_ratio))
         per_sequence = _token_losses(model, batch, config.bf16)
@@ -572,16 +610,20 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.lm_grad_clip)
         optimizer.step()
-        if n_copy < config.lm_batch_size:
-            recent_lm.append(per_sequence[~is_copy].mean().item())
+        if is_lm.any():
+            recent_lm.append(per_sequence[is_lm].mean().item())
         if n_copy:
             recent_copy.append(per_sequence[is_copy].mean().item())
+        if n_qa:
+            recent_qa.append(per_sequence[n_copy:n_copy + n_qa].mean().item())
         if (step + 1) % config.log_every == 0 or step + 1 == config.lm_steps:
-            final = {"lm_train_loss": float(np.mean(recent_lm)) if recent_lm else float("nan"),
-                     "copy_train_loss": float(np.mean(recent_copy)) if recent_copy else float("nan")}
+            mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+            final = {"lm_train_loss": mean(recent_lm), "copy_train_loss": mean(recent_copy),
+                     "qa_train_loss": mean(recent_qa)}
             log(f"stand-in LLM: step {step + 1}/{config.lm_steps} lm loss {final['lm_train_loss']:.3f} "
-                f"copy loss {final['copy_train_loss']:.3f} ({time.perf_counter() - t0:.0f} s)")
-            recent_lm, recent_copy = [], []
+                f"copy loss {final['copy_train_loss']:.3f} qa loss {final['qa_train_loss']:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+            recent_lm, recent_copy, recent_qa = [], [], []
     train_seconds = time.perf_counter() - t0
 
     model.eval()
@@ -591,8 +633,10 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
         lm_loss = _token_losses(model, check_lm, config.bf16).mean().item()
         copy_loss = _token_losses(model, check_copy, config.bf16).mean().item()
     accuracy = _copy_accuracy(model, encoded_check, bos, eos, sep, pad)
+    qa_accuracy = _qa_accuracy(model, encoded_qa_check, bos, eos, marker, pad) if encoded_qa_check else float("nan")
     log(f"stand-in LLM: held-back lm loss {lm_loss:.3f}, copy loss {copy_loss:.3f}, exact copies "
-        f"{accuracy:.0%} of {len(encoded_check)} unseen sentences")
+        f"{accuracy:.0%} of {len(encoded_check)} unseen sentences"
+        + (f", right answers to {qa_accuracy:.0%} of {len(encoded_qa_check)} unseen questions" if encoded_qa_check else ""))
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -605,7 +649,8 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
                                f"{sample!r}")
     return {"llm_train_seconds": train_seconds, "llm_total_seconds": time.perf_counter() - started,
             "llm_params": float(n_params), "tokenizer_size": float(len(tokenizer)), "llm_vocab_size": float(vocab_size),
-            **final, "lm_heldback_loss": lm_loss, "copy_heldback_loss": copy_loss, "copy_heldback_exact": accuracy}
+            **final, "lm_heldback_loss": lm_loss, "copy_heldback_loss": copy_loss, "copy_heldback_exact": accuracy,
+            "qa_heldback_exact": qa_accuracy}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,12 +689,15 @@ def save_untrained_checkpoints(root: str | Path, whisper: dict[str, Any], qwen2:
 
 
 def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig = StandinConfig(),
-                   log: LogFn = print, extra_texts: Sequence[str] = ()) -> tuple[Path, Path]:
+                   log: LogFn = print, extra_texts: Sequence[str] = (), qa_pairs: Sequence[QAPair] = (),
+                   qa_heldback: Sequence[QAPair] = ()) -> tuple[Path, Path]:
     """Train (once) the stand-in encoder and LLM on `train`; returns (encoder_dir, llm_dir).
 
     `train` is a `datasets.Dataset` with "audio" (`Audio(decode=False)` values) and "text".
     `extra_texts` are text-only sentences the LLM (and its tokenizer) also learn from, as a real
-    LLM has read far more text than any speech corpus holds.
+    LLM has read far more text than any speech corpus holds. `qa_pairs` are (question, answer)
+    texts it learns to answer, as a real LLM knows the facts a spoken question asks for;
+    `qa_heldback` are other pairs, only scored (exact answers, in the build's summary).
     The result lives in `cache_dir/standins-<hash of config and data>/{encoder,llm}`; it is
     written to a temporary folder and renamed into place, so a crash never leaves a partial
     build that a later call would return.
@@ -658,7 +706,7 @@ def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig 
     for column in ("audio", "text"):
         if column not in train.column_names:
             raise ValueError(f"stand-in training data needs columns 'audio' and 'text'; has {train.column_names}")
-    target = standins_dir(cache_dir, train, config, extra_texts)
+    target = standins_dir(cache_dir, train, config, extra_texts, [*qa_pairs, *qa_heldback])
     encoder_dir, llm_dir = target / "encoder", target / "llm"
     if target.is_dir():
         return encoder_dir, llm_dir
@@ -678,7 +726,7 @@ def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig 
         summary.update(_train_encoder(train, rows, heldback, tmp / "encoder", config, log))
         all_texts = list(train["text"])
         summary.update(_train_llm([all_texts[i] for i in rows] + list(extra_texts), [all_texts[i] for i in heldback],
-                                  tmp / "llm", config, log))
+                                  tmp / "llm", config, log, qa_pairs=qa_pairs, qa_heldback=qa_heldback))
         summary["total_seconds"] = time.perf_counter() - started
         (tmp / SUMMARY_FILE).write_text(json.dumps({"config": dataclasses.asdict(config), "results": summary},
                                                    indent=2) + "\n")
