@@ -42,6 +42,10 @@ def stage_result(stage: str, loss: float) -> dict:
               "export": f"runs/x/{stage}/final"}
     if stage == "second":
         result.update(tokens=30 * 512, skipped_steps=2)
+    if stage == "final":
+        result.update(answer={"accuracy": 0.34, "questions": 100, "majority": 0.06},
+                      audio_tokens={"accuracy": 0.9847, "ce": 0.0381, "codes": 8000, "chance": 1 / 4096,
+                                    "majority": 0.4794})
     return result
 
 
@@ -77,6 +81,8 @@ def test_full_run_report(tmp_path):
     assert "15,360" in text  # tokens seen (recorded) for second
     assert "12,800" in text  # tokens seen (summed from metrics lines) for final
     assert "1 min 53 s" in text  # wall time of second (113.4 s)
+    # spoken questions: answer and audio-token accuracy beside their floors
+    assert "| final | 34.0% | 6.0% | 100 | 98.5% | 47.9% | 0.038 |" in text
 
     for name in ("loss.png", "lr.png", "wer.png"):
         assert f"](report/{name})" in text  # relative links

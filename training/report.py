@@ -248,6 +248,25 @@ def results_table(record: dict[str, Any], splits: list[str], series: list[StageS
     return _table(header, rows)
 
 
+def qa_table(record: dict[str, Any]) -> list[str]:
+    """Held-out spoken questions at each boundary: answer accuracy (A1T2) and audio-token accuracy
+    (A1A2, teacher-forced), each beside its majority floor. Empty for runs without QA data."""
+    rows = []
+    for key in BOUNDARIES:
+        entry = record["stages"].get(key) or {}
+        answer, audio = entry.get("answer"), entry.get("audio_tokens")
+        if not answer and not audio:
+            continue
+        pct = lambda scores, name: f"{100 * scores[name]:.1f}%" if scores and name in scores else "-"  # noqa: E731
+        rows.append([key, pct(answer, "accuracy"), pct(answer, "majority"), str(answer["questions"]) if answer else "-",
+                     pct(audio, "accuracy"), pct(audio, "majority"), _fmt_num((audio or {}).get("ce"), ".3f")])
+    if not rows:
+        return []
+    header = ["after", "answer accuracy", "constant-answer floor", "questions", "audio-token accuracy",
+              "commonest-code floor", "audio-token CE"]
+    return ["Held-out spoken questions (chance for an audio token: 1/4,096):", "", *_table(header, rows), ""]
+
+
 def wer_detail(record: dict[str, Any], splits: list[str]) -> list[str]:
     """Utterances and words behind each WER, so a reader can judge how noisy it is."""
     parts = []
@@ -266,7 +285,7 @@ def render_markdown(recipe: Recipe, record: dict[str, Any], splits: list[str], s
               f"`python -m training.report --output-dir <run dir> --recipe {recipe.name}`."), "",
              "## Stage table as run", "", *stage_table(recipe, record), "",
              "## Results per stage boundary", "", *results_table(record, splits, series), "",
-             *wer_detail(record, splits), "",
+             *wer_detail(record, splits), "", *qa_table(record),
              "## Plots", "",
              f"![training loss per step]({REPORT_DIR}/{PLOTS['loss']})", "",
              f"![learning rate per step]({REPORT_DIR}/{PLOTS['lr']})", "",
