@@ -188,3 +188,25 @@ def test_bad_answer_snac_is_named(tmp_path, tiny_checkpoints, capsys, snac, expe
     out = capsys.readouterr().out
     assert code == 2, out
     assert f"dataset '{qa}', split 'train', row 1, column 'answer_snac'" in out and expected in out
+
+
+def test_prepare_encodes_once_and_stages_reuse_it(tmp_path, tiny_checkpoints, capsys):
+    """--prepare fills the feature cache and exits; the stage that follows encodes nothing again."""
+    rows = [{"speech": {"bytes": _wav(1.0 + i / 10), "path": None}, "sentence": "the cat sat"} for i in range(8)]
+    path = _dataset(tmp_path, rows)
+    enc, llm = tiny_checkpoints
+    data = ["--dataset", path, "--audio-column", "speech", "--text-column", "sentence",
+            "--recipe", _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}})]
+    code = main(["--prepare", "--encoder", enc, "--llm", llm, "--output-dir", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache"), *data])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out
+    assert "prepared: train 8 rows, heldout 2 rows, dev 2 rows" in captured.out
+    assert "encoding dataset" in captured.err  # datasets.map's progress bar
+    assert not (tmp_path / "out" / "asr").exists()  # nothing trained
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").glob("prepared-*.arrow")}
+    assert len(cached) == 3
+    assert _run(tmp_path, tiny_checkpoints, *data) == 0
+    assert "encoding dataset" not in capsys.readouterr().err  # the map's progress bar never started
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").glob("prepared-*.arrow")}
+    assert after == cached

@@ -251,6 +251,23 @@ def validate_only(ctx: RunContext) -> int:
     return 0
 
 
+def prepare_only(ctx: RunContext) -> int:
+    """--prepare: check a sample of every split, encode all of them into the feature cache and exit
+    (0, or 2 on bad data). The frozen encoder and the tokenizer are the same in all three stages,
+    so one preparation serves the whole run; the stages then load the cache and encode nothing."""
+    try:
+        load_data_and_pretrained(ctx)
+        model, tokenizer, feature_extractor = make_model(ctx, str(ctx.init_from) if ctx.init_from else "pretrained")
+        validate_splits(ctx, feature_extractor, ctx.recipe.data.validate_rows)
+        prepared = prepared_splits(ctx, model, feature_extractor, tokenizer)
+    except data_lib.DataError as err:
+        ctx.log(f"error: {err}")
+        return 2
+    ctx.log("prepared: " + ", ".join(f"{name} {len(ds):,} rows" for name, ds in prepared.items())
+            + f"; features cached in {ctx.cache_dir / 'features'}")
+    return 0
+
+
 def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
     key = encoder_key(model)
     out = {}

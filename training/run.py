@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus, stand-ins and feature cache")
     parser.add_argument("--validate-data", action="store_true",
                         help="check every row of every split (columns, audio, rates, lengths, transcripts) and exit")
+    parser.add_argument("--prepare", action="store_true",
+                        help="encode every split into the feature cache (what the stages would do first) and exit")
     parser.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) rows that fail the checks")
     parser.add_argument("--report-to", default="tensorboard",
                         help="Accelerate trackers: tensorboard (default), wandb, mlflow, ..., comma-separated, or none")
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dry.add_argument("--speech-seconds", type=float, help="typical utterance length (default 10)")
     dry.add_argument("--text-tokens", type=int, help="typical answer length in tokens (default 3 per second of speech)")
     args = parser.parse_args(argv)
-    if args.stage is None and not (args.dry_run or args.validate_data):
+    if args.stage is None and not (args.dry_run or args.validate_data or args.prepare):
         parser.error("the following arguments are required: --stage")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
@@ -90,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.loop import (REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, RunContext, StageOrderError, WerGateFailed,
                                format_wer_table, initial_weights, load_data_and_pretrained, make_accelerator,
-                               run_stage, validate_only, write_run_report)
+                               prepare_only, run_stage, validate_only, write_run_report)
 
-    accelerator = make_accelerator(recipe, "none" if args.validate_data else args.report_to, args.output_dir)
+    accelerator = make_accelerator(recipe, "none" if args.validate_data or args.prepare else args.report_to,
+                                   args.output_dir)
     ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
                      init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
     stages = list(STAGE_NAMES) if args.stage in ("all", None) else [args.stage]
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{format_stage_table(recipe)}")
     if args.validate_data:
         return validate_only(ctx)
+    if args.prepare:
+        return prepare_only(ctx)
     # Trackers (TensorBoard by default: <output-dir>/tensorboard) get scalars only.
     accelerator.init_trackers("tensorboard", config={k: v for k, v in recipe.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
