@@ -98,7 +98,7 @@ def test_changed_recipe_is_refused_naming_fields(resume_recipe, cache_dir, tmp_p
     again = subprocess.run(_command(str(path), cache_dir, tmp_path), cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 2
     assert "refusing to resume" in again.stdout
-    assert "batch_size: 16 -> 8" in again.stdout and "stage.lr_peak: 0.001 -> 0.0005" in again.stdout
+    assert "batch_size: 16 -> 8" in again.stdout and "stage.lr_peak: 0.003 -> 0.0005" in again.stdout
 
 
 def test_checkpoint_killed_mid_write_keeps_previous_latest(tmp_path):
