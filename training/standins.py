@@ -514,30 +514,16 @@ def _token_losses(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) 
 
 
 @torch.no_grad()
-def _copy_accuracy(model: Qwen2ForCausalLM, encoded: list[list[int]], bos: int, eos: int, sep: int, pad: int) -> float:
-    """Share of sentences that greedy decoding repeats exactly after bos + s + sep."""
+def _exact_continuations(model: Qwen2ForCausalLM, cases: list[tuple[list[int], list[int]]], eos: int, pad: int) -> float:
+    """Share of (prompt, target) cases whose greedy continuation of the prompt is exactly target + eos."""
     model.eval()
     correct = 0
-    for ids in encoded:
-        prompt = torch.tensor([[bos, *ids, sep]])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(ids) + 1,
+    for prompt_ids, target in cases:
+        prompt = torch.tensor([prompt_ids])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(target) + 1,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        correct += out[0, prompt.shape[1]:].tolist() == [*ids, eos]
-    return correct / max(1, len(encoded))
-
-
-@torch.no_grad()
-def _qa_accuracy(model: Qwen2ForCausalLM, pairs: list[tuple[list[int], list[int]]], bos: int, eos: int, marker: int,
-                 pad: int) -> float:
-    """Share of questions whose greedy answer after bos + question + marker is exactly right."""
-    model.eval()
-    correct = 0
-    for question, answer in pairs:
-        prompt = torch.tensor([[bos, *question, marker]])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(answer) + 1,
-                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        correct += out[0, prompt.shape[1]:].tolist() == [*answer, eos]
-    return correct / max(1, len(pairs))
+        correct += out[0, prompt.shape[1]:].tolist() == [*target, eos]
+    return correct / max(1, len(cases))
 
 
 def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config: StandinConfig,
@@ -583,8 +569,6 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lm_lr, betas=(0.9, 0.98),
                                   weight_decay=config.lm_weight_decay)
     rng = np.random.default_rng(config.seed)
-    is_copy = torch.tensor([i < n_copy for i in range(config.lm_batch_size)])
-    is_lm = torch.tensor([i >= n_copy + n_qa for i in range(config.lm_batch_size)])
     recent_lm: list[float] = []
     recent_copy: list[float] = []
     recent_qa: list[float] = []
@@ -610,12 +594,10 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.lm_grad_clip)
         optimizer.step()
-        if is_lm.any():
-            recent_lm.append(per_sequence[is_lm].mean().item())
-        if n_copy:
-            recent_copy.append(per_sequence[is_copy].mean().item())
-        if n_qa:
-            recent_qa.append(per_sequence[n_copy:n_copy + n_qa].mean().item())
+        for recent, rows in ((recent_copy, per_sequence[:n_copy]), (recent_qa, per_sequence[n_copy:n_copy + n_qa]),
+                             (recent_lm, per_sequence[n_copy + n_qa:])):
+            if len(rows):
+                recent.append(rows.mean().item())
         if (step + 1) % config.log_every == 0 or step + 1 == config.lm_steps:
             mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
             final = {"lm_train_loss": mean(recent_lm), "copy_train_loss": mean(recent_copy),
@@ -632,8 +614,9 @@ def _train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, confi
         check_copy = _lm_batch([_lm_example(ids, True, bos, eos, sep) for ids in encoded_check], pad)
         lm_loss = _token_losses(model, check_lm, config.bf16).mean().item()
         copy_loss = _token_losses(model, check_copy, config.bf16).mean().item()
-    accuracy = _copy_accuracy(model, encoded_check, bos, eos, sep, pad)
-    qa_accuracy = _qa_accuracy(model, encoded_qa_check, bos, eos, marker, pad) if encoded_qa_check else float("nan")
+    accuracy = _exact_continuations(model, [([bos, *ids, sep], ids) for ids in encoded_check], eos, pad)
+    qa_accuracy = (_exact_continuations(model, [([bos, *q, marker], a) for q, a in encoded_qa_check], eos, pad)
+                   if encoded_qa_check else float("nan"))
     log(f"stand-in LLM: held-back lm loss {lm_loss:.3f}, copy loss {copy_loss:.3f}, exact copies "
         f"{accuracy:.0%} of {len(encoded_check)} unseen sentences"
         + (f", right answers to {qa_accuracy:.0%} of {len(encoded_qa_check)} unseen questions" if encoded_qa_check else ""))
