@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from training.stages import DEMO, Recipe, recipe_from_dict  # noqa: E402
+from training.recipe_file import recipe_from_dict  # noqa: E402
+from training.stages import DEMO, Recipe  # noqa: E402
 
 
 def quick_recipe_dict() -> dict[str, Any]:
@@ -75,7 +76,9 @@ def recipe(args: argparse.Namespace, overrides: dict[str, Any] | None = None) ->
 
 def context(args: argparse.Namespace, overrides: dict[str, Any] | None = None, output_dir: Path | None = None):
     """A RunContext with the splits and the (cached) stand-in checkpoints loaded."""
-    from training.loop import RunContext, load_data_and_pretrained, make_accelerator
+    from training.engine.context import RunContext
+    from training.engine.launch import make_accelerator
+    from training.engine.sources import load_data_and_pretrained
 
     rec = recipe(args, overrides)
     output_dir = output_dir or Path(tempfile.mkdtemp(prefix="omni-bench-"))
@@ -106,7 +109,7 @@ def untrained_export(ctx) -> Path:
 
 def prepared(ctx, model, tokenizer, feature_extractor) -> dict[str, Any]:
     """The prepared (encoder states cached) splits, through the loop's own function."""
-    from training.loop import prepared_splits
+    from training.engine.prepare import prepared_splits
 
     return prepared_splits(ctx, model, feature_extractor, tokenizer)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import common
 
-from training import data as data_lib
-from training.loop import StageRun
+from training.data import batching as data_lib
+from training.engine.stage import StageRun
 
 TARGET = 5.0
 

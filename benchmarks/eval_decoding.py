@@ -28,8 +28,8 @@ from pathlib import Path
 import common
 from datasets import concatenate_datasets
 
-from training import data as data_lib
-from training.evaluation import transcribe
+from training.data import batching as data_lib
+from training.evaluation.scores import transcribe
 from training.model import load_omni
 
 

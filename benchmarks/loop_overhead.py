@@ -37,9 +37,9 @@ from pathlib import Path
 import common
 import torch
 
-from training import data as data_lib
-from training.evaluation import model_inputs
-from training.loop import StageRun
+from training.data import batching as data_lib
+from training.model import model_inputs
+from training.engine.stage import StageRun
 
 TARGET = 1.03
 

@@ -21,7 +21,7 @@ import common
 import torch
 from torch.utils.data import DataLoader
 
-from training import data as data_lib
+from training.data import batching as data_lib
 from training.model import load_omni
 
 FIXED = 2048

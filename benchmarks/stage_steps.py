@@ -26,12 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from training.data import SpeechTextCollator  # noqa: E402
-from training.evaluation import model_inputs  # noqa: E402
-from training.loop import make_accelerator, optimizer_groups  # noqa: E402
-from training.model import build_model, parameter_summary, set_trainable  # noqa: E402
+from training.data.batching import SpeechTextCollator  # noqa: E402
+from training.engine.launch import make_accelerator  # noqa: E402
+from training.model import build_model, model_inputs, optimizer_groups, parameter_summary, set_trainable  # noqa: E402
 from training.stages import MINI_OMNI, lr_at  # noqa: E402
-from training.standins import save_untrained_checkpoints  # noqa: E402
+from training.model.untrained import save_untrained_checkpoints  # noqa: E402
 
 WHISPER_SMALL = dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
                      num_mel_bins=80, max_source_positions=1500)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.standins import save_untrained_checkpoints
+from tests.helpers import save_tiny_checkpoints
 
 CACHE = Path(os.environ.get("OMNI_STAGE_TEST_CACHE", Path.home() / ".cache" / "omni-stage-tests"))
 
@@ -20,15 +20,9 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> tuple[str, str]:
-    """A random tiny Whisper and Qwen2 (with a BPE tokenizer), saved like real checkpoints."""
-    return save_untrained_checkpoints(
-        tmp_path_factory.mktemp("tiny"),
-        whisper=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=80,
-                     max_source_positions=200),
-        qwen2=dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=1, tie_word_embeddings=False),
-        feature_extractor=dict(feature_size=80, sampling_rate=16000, chunk_length=4),
-    )
+    """A random tiny Whisper and Qwen2 (with a BPE tokenizer), saved like real checkpoints
+    (shapes: tests/helpers.py's TINY_WHISPER, TINY_QWEN2, TINY_FEATURES)."""
+    return save_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
 
 
 # The demo recipe cut down for tests: quick corpus and stand-ins, short stages at higher peak LRs,

@@ -20,12 +20,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from training import data as data_lib
-from training.checkpoint import StageCheckpoints
-from training.evaluation import evaluate_wer, heldout_loss
-from training.loop import RunContext, load_data_and_pretrained, prepared_splits
+from training.data import batching as data_lib
+from training.engine.checkpoints import StageCheckpoints
+from training.engine.context import RunContext
+from training.engine.prepare import prepared_splits
+from training.engine.sources import load_data_and_pretrained
+from training.evaluation.scores import evaluate_wer, heldout_loss
 from training.model import build_model, load_omni, row_tables
-from training.stages import load_recipe
+from training.recipe_file import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -33,9 +35,10 @@ TOLERANCE = 1e-4
 
 
 def _launch(profile: str, recipe: str, cache_dir: Path, out: Path, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / profile),
-           str(ROOT / "training" / "run.py"), "--stage", "asr", "--recipe", recipe, "--output-dir", str(out),
-           "--cache-dir", str(cache_dir), "--max-steps", str(STEPS)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "accelerate_configs" / profile), str(ROOT / "training" / "run.py"),
+           "--stage", "asr", "--recipe", recipe, "--output-dir", str(out), "--cache-dir", str(cache_dir),
+           "--max-steps", str(STEPS)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -44,8 +47,8 @@ def _run(profile: str, recipe: str, cache_dir: Path, out: Path) -> dict:
     output, _ = proc.communicate(timeout=900)
     record = json.loads((out / "run_record.json").read_text()) if (out / "run_record.json").exists() else {}
     done = record.get("stages", {}).get("asr", {}).get("complete")
-    # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run
-    # (DESIGN.md §6): the run is judged by its record and final log line then.
+    # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run: the run
+    # is judged by its record and final log line then.
     assert done and (proc.returncode == 0 or "[asr] done:" in output), output[-4000:]
     return {"losses": _losses(out), "record": record["stages"]["asr"], "output": output, "dir": out}
 
@@ -92,7 +95,8 @@ def test_zero3_matches_one_process_and_keeps_frozen_weights(zero3, single, recip
     assert "2 processes" in zero3["output"] and "DEEPSPEED" in zero3["output"]
     _assert_same_losses(zero3, single)
     # asr under ZeRO-3: encoder and every LLM row but the text specials are the pretrained ones
-    ctx = RunContext(recipe=load_recipe(recipe), output_dir=zero3["dir"], cache_dir=cache_dir, accelerator=Accelerator())
+    ctx = RunContext(recipe=load_recipe(recipe), output_dir=zero3["dir"], cache_dir=cache_dir,
+                     accelerator=Accelerator())
     load_data_and_pretrained(ctx)
     start, _, _ = build_model(*ctx.pretrained, frame_stack=ctx.recipe.frame_stack)
     trained, _, _ = load_omni(zero3["dir"] / "asr" / "final")
@@ -100,8 +104,10 @@ def test_zero3_matches_one_process_and_keeps_frozen_weights(zero3, single, recip
     for before, after in zip(row_tables(start.llm), row_tables(trained.llm)):
         assert torch.equal(before[: layout.text_vocab], after[: layout.text_vocab])
         assert torch.equal(before[layout.text_size :], after[layout.text_size :])
-        assert not torch.equal(before[layout.text_vocab : layout.text_size], after[layout.text_vocab : layout.text_size])
-    assert all(torch.equal(a, b) for a, b in zip(start.encoder.state_dict().values(), trained.encoder.state_dict().values()))
+        specials = slice(layout.text_vocab, layout.text_size)
+        assert not torch.equal(before[specials], after[specials])
+    assert all(torch.equal(a, b)
+               for a, b in zip(start.encoder.state_dict().values(), trained.encoder.state_dict().values()))
 
 
 def test_zero3_export_reloads_in_one_process_with_same_wer_and_loss(zero3, recipe, cache_dir):

@@ -7,32 +7,35 @@ import pytest
 import torch
 import yaml
 
-from training.export import (ExportError, export_hf, export_mini_omni, import_mini_omni, main, split_qkv)
-from training.layout import n_adapter_frames, speech_to_text_example
-from training.model import build_model, load_omni, save_omni
-from training.standins import save_untrained_checkpoints
+from tests.helpers import (
+    GQA_D,
+    GQA_FFN,
+    GQA_GROUPS,
+    GQA_HEAD,
+    GQA_HEADS,
+    GQA_LAYERS,
+    GQA_QWEN2,
+    GQA_WHISPER,
+    save_tiny_checkpoints,
+    tiny_model,
+)
+from training.model import load_omni, save_omni
+from training.model.export import ExportError, export_hf, export_mini_omni, import_mini_omni, main, split_qkv
+from training.speech.layout import n_adapter_frames, speech_to_text_example
 
-D, HEADS, GROUPS, HEAD, FFN, LAYERS = 32, 4, 2, 8, 64, 2
+D, HEADS, GROUPS, HEAD, FFN, LAYERS = GQA_D, GQA_HEADS, GQA_GROUPS, GQA_HEAD, GQA_FFN, GQA_LAYERS
 
 
 @pytest.fixture(scope="module")
 def gqa_checkpoints(tmp_path_factory):
     """Like the shared tiny_checkpoints, but with 2 key/value groups (so the interleaving shows)
-    and a tied output layer, as Qwen2-0.5B has."""
-    return save_untrained_checkpoints(
-        tmp_path_factory.mktemp("gqa"),
-        whisper=dict(d_model=24, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=48, num_mel_bins=80,
-                     max_source_positions=200),
-        qwen2=dict(vocab_size=320, hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                   num_attention_heads=HEADS, num_key_value_heads=GROUPS, tie_word_embeddings=True),
-        feature_extractor=dict(feature_size=80, sampling_rate=16000, chunk_length=4),
-    )
+    and a tied output layer, as Qwen2-0.5B has (shapes: tests/helpers.py's GQA_*)."""
+    return save_tiny_checkpoints(tmp_path_factory.mktemp("gqa"), whisper=GQA_WHISPER, qwen2=GQA_QWEN2)
 
 
 def _trained_export(checkpoints, path, adapter_hidden, frame_stack=1):
     """A save_omni folder whose weights are all distinct (norms and biases moved off their init)."""
-    torch.manual_seed(0)
-    model, tokenizer, fe = build_model(*checkpoints, frame_stack=frame_stack, adapter_hidden=adapter_hidden)
+    model, tokenizer, fe = tiny_model(checkpoints, frame_stack=frame_stack, adapter_hidden=adapter_hidden, seed=0)
     with torch.no_grad():
         for p in [*model.llm.parameters(), *model.adapter.parameters()]:
             p.add_(torch.randn_like(p) * 0.05)
@@ -65,7 +68,8 @@ def expected_table(vocab, adapter_in):
     for i in range(LAYERS):
         h = f"transformer.h.{i}."
         shapes |= {h + "norm_1.weight": (D,), h + "norm_2.weight": (D,),
-                   h + "attn.attn.weight": ((HEADS + 2 * GROUPS) * HEAD, D), h + "attn.attn.bias": ((HEADS + 2 * GROUPS) * HEAD,),
+                   h + "attn.attn.weight": ((HEADS + 2 * GROUPS) * HEAD, D),
+                   h + "attn.attn.bias": ((HEADS + 2 * GROUPS) * HEAD,),
                    h + "attn.proj.weight": (D, HEADS * HEAD),
                    h + "mlp.fc_1.weight": (FFN, D), h + "mlp.fc_2.weight": (FFN, D), h + "mlp.proj.weight": (D, FFN)}
     return shapes
@@ -145,7 +149,7 @@ def test_shapes_that_cannot_agree_are_refused(tiny_checkpoints, tmp_path):
 
 
 def test_split_inverts_fuse():
-    from training.export import fuse_qkv
+    from training.model.export import fuse_qkv
 
     q, k, v = torch.randn(14 * 4, 3), torch.randn(2 * 4, 3), torch.randn(2 * 4, 3)
     fused = fuse_qkv(q, k, v, n_head=14, n_groups=2)
@@ -157,8 +161,8 @@ def test_split_inverts_fuse():
 def test_real_recipe_shapes_on_the_meta_device():
     """The mapping table's shape column: the mini-omni recipe (shipped configs, meta device, nothing
     allocated) passes every compatibility check and yields exactly those shapes."""
-    from training.dry_run import build_meta_model, config_folder
-    from training.export import check_compatible, lit_config, lit_state_dict
+    from training.model.dry_run import build_meta_model, config_folder
+    from training.model.export import check_compatible, lit_config, lit_state_dict
     from training.stages import MINI_OMNI
 
     model, _ = build_meta_model(config_folder(MINI_OMNI.encoder, "encoder")[0], config_folder(MINI_OMNI.llm, "llm")[0],
@@ -167,9 +171,11 @@ def test_real_recipe_shapes_on_the_meta_device():
     shapes = {k: tuple(v.shape) for k, v in lit_state_dict(model).items()}
     assert len(shapes) == 3 + 24 * 8 + 3
     assert shapes["transformer.wte.weight"] == shapes["lm_head.weight"] == (181_120, 896)
-    assert shapes["transformer.h.23.attn.attn.weight"] == (1152, 896) and shapes["transformer.h.0.attn.attn.bias"] == (1152,)
+    assert shapes["transformer.h.23.attn.attn.weight"] == (1152, 896)
+    assert shapes["transformer.h.0.attn.attn.bias"] == (1152,)
     assert shapes["transformer.h.0.attn.proj.weight"] == (896, 896)
-    assert shapes["transformer.h.0.mlp.fc_1.weight"] == (4864, 896) and shapes["transformer.h.0.mlp.proj.weight"] == (896, 4864)
+    assert shapes["transformer.h.0.mlp.fc_1.weight"] == (4864, 896)
+    assert shapes["transformer.h.0.mlp.proj.weight"] == (896, 4864)
     assert shapes["whisper_adapter.fc_1.weight"] == (4864, 768) and shapes["whisper_adapter.proj.weight"] == (896, 4864)
     config = lit_config(model, 2048)
     assert config | {"name": None} == config | {

@@ -9,9 +9,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from training.checkpoint import StageCheckpoints, read_json, TRAINER_STATE
-from training.loop import NonFiniteLoss, RunContext, StageRun, check_launch, load_data_and_pretrained, resolve_precision
-from training.stages import RecipeError, load_recipe
+from training.common import read_json
+from training.engine.checkpoints import TRAINER_STATE, StageCheckpoints
+from training.engine.context import NonFiniteLoss, RunContext
+from training.engine.launch import check_launch, resolve_precision
+from training.engine.sources import load_data_and_pretrained
+from training.engine.stage import StageRun
+from training.recipe_file import load_recipe
+from training.stages import RecipeError
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(quick_recipe, cache_dir, tmp_path):

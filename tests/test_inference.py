@@ -1,4 +1,4 @@
-"""training.inference on tiny random checkpoints: agreement with uncached greedy decoding, batched
+"""training.model.inference on tiny random checkpoints: agreement with uncached greedy decoding, batched
 == one at a time, stop ids, and an overfitted tiny model decoding its training answer (text, SNAC
 codes, WAV) exactly."""
 
@@ -7,21 +7,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from training.inference import build_prompts, encode_question, generate, main, speak
-from training.layout import N_AUDIO_LAYERS, delay_audio, strip_text_answer, task_example
-from training.model import build_model, save_omni, set_trainable
-from training.snac_codes import samples_per_frame
-
-
-def _scramble(model, seed: int = 0) -> None:
-    """Random rows for the grown vocabulary: mean-initialised rows all tie, so an untrained
-    model's audio argmax would be the constant 0 and prove nothing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for weight in (model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight):
-            weight.add_(torch.randn(weight.shape, generator=g) * weight.std())
-        for p in model.adapter.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+from tests.helpers import scramble, tiny_model
+from training.model import save_omni, set_trainable
+from training.model.inference import build_prompts, encode_question, generate, main, speak
+from training.speech.layout import N_AUDIO_LAYERS, delay_audio, strip_text_answer, task_example
+from training.speech.snac_codes import samples_per_frame
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,9 +25,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoints):
-    torch.manual_seed(0)
-    model, tokenizer, fe = build_model(*tiny_checkpoints, frame_stack=4)
-    _scramble(model)
+    model, tokenizer, fe = tiny_model(tiny_checkpoints, frame_stack=4, seed=0)
+    scramble(model)  # random rows for the grown vocabulary (see tests/helpers.py)
     return model.eval(), tokenizer, fe
 
 
@@ -180,10 +169,9 @@ def _row(example, states=None, lengths=None) -> dict:
 
 
 def test_overfitted_model_decodes_its_answer_and_writes_the_wav(tiny_checkpoints, tmp_path, capsys):
-    from training.codec import load_codec
+    from training.speech.codec import load_codec
 
-    torch.manual_seed(0)
-    model, tokenizer, fe = build_model(*tiny_checkpoints, frame_stack=4)
+    model, tokenizer, fe = tiny_model(tiny_checkpoints, frame_stack=4, seed=0)
     layout = model.layout
     question = "a dog ran"
     answer_ids = tokenizer("the cat sat", add_special_tokens=False).input_ids

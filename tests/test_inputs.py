@@ -4,12 +4,12 @@ import io
 import json
 
 import datasets
-import soundfile as sf
 import numpy as np
 import pytest
+import soundfile as sf
 
-from training.audio import wav_bytes
 from training.run import main
+from training.speech.audio import wav_bytes
 
 
 def _wav(seconds: float = 1.0, sr: int = 16000) -> bytes:
@@ -96,9 +96,11 @@ def test_recipe_value_of_wrong_type(tmp_path, capsys):
 BAD_INPUTS = [
     ("text column of numbers", "column 'sentence': expected a string column, got Value('int64')"),
     ("audio column of plain strings", "column 'speech': expected an Audio column (or {bytes, path})"),
-    ("transcript that normalizes to nothing", "row 1, column 'sentence': transcript '[noise]' is empty after normalization"),
+    ("transcript that normalizes to nothing",
+     "row 1, column 'sentence': transcript '[noise]' is empty after normalization"),
     ("audio with no samples", "row 3, column 'speech': cannot read audio (the audio is empty)"),
-    ("audio with NaN samples", "row 0, column 'speech': cannot read audio (the audio contains NaN or infinite samples)"),
+    ("audio with NaN samples",
+     "row 0, column 'speech': cannot read audio (the audio contains NaN or infinite samples)"),
 ]
 
 
@@ -140,7 +142,8 @@ def test_validate_data_names_each_bad_input(tmp_path, tiny_checkpoints, capsys, 
 
 
 def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_path, tiny_checkpoints, capsys):
-    rows = [{"speech": {"bytes": _wav(1.0 + i / 10, sr=44100 if i % 2 else 16000), "path": None}, "sentence": "the cat sat"}
+    rows = [{"speech": {"bytes": _wav(1.0 + i / 10, sr=44100 if i % 2 else 16000), "path": None},
+             "sentence": "the cat sat"}
             for i in range(10)]
     rows[2]["sentence"] = ""
     rows[5]["speech"] = {"bytes": b"garbage", "path": None}
@@ -165,11 +168,13 @@ def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_pat
 def _qa_dataset(tmp_path, answer_snac: list[str]) -> str:
     """A user QA dataset in VoiceAssistant-400K's schema (question, question_audio, answer, answer_snac)."""
     features = datasets.Features({"question": datasets.Value("string"),
-                                  "question_audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                  "question_audio": {"bytes": datasets.Value("binary"),
+                                                     "path": datasets.Value("string")},
                                   "answer": datasets.Value("string"), "answer_snac": datasets.Value("string")})
     rows = [{"question": "what is the opposite of hot", "question_audio": {"bytes": _wav(), "path": None},
              "answer": "cold", "answer_snac": snac} for snac in answer_snac]
-    split = datasets.Dataset.from_list(rows, features=features).cast_column("question_audio", datasets.Audio(decode=False))
+    split = datasets.Dataset.from_list(rows, features=features)
+    split = split.cast_column("question_audio", datasets.Audio(decode=False))
     path = tmp_path / "qa"
     datasets.DatasetDict({"train": split, "heldout": split}).save_to_disk(str(path))
     return str(path)

@@ -1,8 +1,9 @@
-"""Exact ids of the 8-stream layout (DESIGN.md section 1) and where the loss is taken."""
+"""Exact ids of the 8-stream layout (training/speech/layout.py's module docstring; README "Tasks,
+speech output and QA data") and where the loss is taken."""
 
 import torch
 
-from training.layout import IGNORE, TEXT_ROW, VocabLayout, speech_to_text_example
+from training.speech.layout import IGNORE, TEXT_ROW, VocabLayout, speech_to_text_example
 
 
 def test_vocabulary_is_mini_omnis():
@@ -24,8 +25,8 @@ def test_asr_example_ids_and_labels():
     expected_text = [v.input_t, v.pad_t, v.pad_t, v.pad_t, v.eot, v.asr, 11, 22, v.eot]
     assert ex.input_ids[TEXT_ROW].tolist() == expected_text
     for layer in range(7):
-        a = lambda s: _audio(v, s, layer)  # noqa: E731
-        assert ex.input_ids[layer].tolist() == [a(4098), a(4097), a(4097), a(4097), a(4096), a(4097), a(4097), a(4097), a(4097)]
+        expected = [_audio(v, s, layer) for s in (4098, 4097, 4097, 4097, 4096, 4097, 4097, 4097, 4097)]
+        assert ex.input_ids[layer].tolist() == expected
     assert ex.audio_mask.tolist() == [False, True, True, True, False, False, False, False, False]
     assert ex.labels[TEXT_ROW].tolist() == [IGNORE] * 6 + [11, 22, v.eot]
     assert bool((ex.labels[:TEXT_ROW] == IGNORE).all())

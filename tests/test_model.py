@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import SpeechTextCollator
-from training.evaluation import model_inputs
-from training.layout import IGNORE, TEXT_ROW
-from training.model import build_model, load_omni, save_omni, set_trainable
+from tests.helpers import tiny_model
+from training.data.batching import SpeechTextCollator
+from training.model import load_omni, model_inputs, save_omni, set_trainable
+from training.speech.layout import IGNORE, TEXT_ROW
 
 
 @pytest.fixture()
 def tiny(tiny_checkpoints):
-    torch.manual_seed(0)
-    return build_model(*tiny_checkpoints, frame_stack=4)
+    return tiny_model(tiny_checkpoints, frame_stack=4, seed=0)
 
 
 def _batch(model, tokenizer, feature_extractor, texts=("the cat", "a dog ran on the mat"), seconds=(2.0, 1.2)):

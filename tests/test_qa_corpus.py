@@ -10,16 +10,16 @@ from pathlib import Path
 import datasets
 import pytest
 
-from training.audio import decode_audio
-from training.corpus import CorpusConfig
-from training.qa_corpus import (
+from training.demo.corpus import CorpusConfig
+from training.demo.qa_corpus import (
     QACorpusConfig,
     build_qa_corpus,
     qa_corpus_config,
     qa_corpus_dir,
     split_questions,
 )
-from training.snac_codes import parse_answer_snac, samples_per_frame
+from training.speech.audio import decode_audio
+from training.speech.snac_codes import parse_answer_snac, samples_per_frame
 
 QUICK = qa_corpus_config("quick")
 

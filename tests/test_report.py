@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from training.report import main, write_report
+from training.evaluation.report import main, write_report
 from training.stages import DEMO, lr_at, scale_steps
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ def wer_entry(heldout: float, dev: float) -> dict:
 
 
 def write_stage(run: Path, stage: str, start_loss: float, with_tokens: bool) -> None:
-    """metrics.jsonl as training.loop writes it: one line per optimizer step, optional extra keys."""
+    """metrics.jsonl as training.engine.stage writes it: one line per optimizer step, optional extra keys."""
     spec = RECIPE.stage(stage)
     lines = []
     for step in range(1, STEPS[stage] + 1):

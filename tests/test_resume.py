@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import StageCheckpoints, atomic_dir
-from training.loop import REQUEUE_EXIT_CODE
+from training.common import atomic_dir
+from training.engine.checkpoints import StageCheckpoints
+from training.engine.context import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24

@@ -1,6 +1,7 @@
 """The cluster path on a real SLURM: a two-node cluster on this machine (two slurmd "nodes" in
-network namespaces, DESIGN.md section 6), the project's own scripts/slurm/train.sbatch submitted
-unchanged, and preemption -> checkpoint -> requeue -> resume.
+network namespaces, set up by the `Cluster` class below; README "Clusters (SLURM)"), the
+project's own scripts/slurm/train.sbatch submitted unchanged, and preemption -> checkpoint ->
+requeue -> resume.
 
 Needs root (namespaces, daemons) and Debian's slurm-wlm + munge (`.ci/run` installs them)."""
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import StageCheckpoints
+from training.engine.checkpoints import StageCheckpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
@@ -29,8 +30,8 @@ STEPS = 12
 # (measured: 0 for DDP, 1e-6 for ZeRO-3), far below a step's loss change (~0.1).
 LOSS_TOLERANCE = 1e-4
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "ip", "nsenter", "unshare",
-            "runuser", "pkill")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "ip", "nsenter",
+            "unshare", "runuser", "pkill")
 NODES = ("n1", "n2")
 # Network names carry the owning process id, so two test sessions never touch each other's cluster
 # and leftovers of a killed session are recognized (its process is gone) and removed.
@@ -71,8 +72,8 @@ class Cluster:
         for node in NODES:
             # nsenter (not `ip netns exec`, which remounts /sys and costs slurmd its cgroups); a
             # private UTS namespace gives each node its own hostname.
-            self._daemon(f"slurmd-{node}", ["nsenter", f"--net=/run/netns/{NETNS[node]}", "unshare", "--uts", "sh", "-c",
-                                            f"hostname {node} && exec slurmd -D -N {node} -f {self.conf}"])
+            self._daemon(f"slurmd-{node}", ["nsenter", f"--net=/run/netns/{NETNS[node]}", "unshare", "--uts",
+                                            "sh", "-c", f"hostname {node} && exec slurmd -D -N {node} -f {self.conf}"])
         self.wait_idle()
 
     def _network(self) -> None:
@@ -319,11 +320,12 @@ def built_cache(quick_recipe, cache_dir, tmp_path_factory) -> Path:
     """The quick corpus and stand-ins, built here (once per machine) rather than inside a job."""
     from accelerate import Accelerator
 
-    from training.loop import RunContext, load_data_and_pretrained
-    from training.stages import load_recipe
+    from training.engine.context import RunContext
+    from training.engine.sources import load_data_and_pretrained
+    from training.recipe_file import load_recipe
 
-    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path_factory.mktemp("unused"), cache_dir=cache_dir,
-                     accelerator=Accelerator())
+    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path_factory.mktemp("unused"),
+                     cache_dir=cache_dir, accelerator=Accelerator())
     load_data_and_pretrained(ctx)
     return cache_dir
 
@@ -344,7 +346,8 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
     text = _text(log)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-4000:]
     # each node's task reports the machine rank it launched with: its own SLURM_NODEID
-    assert re.search(r"^node n1 machine_rank 0$", text, re.M) and re.search(r"^node n2 machine_rank 1$", text, re.M), text[-4000:]
+    assert (re.search(r"^node n1 machine_rank 0$", text, re.M)
+            and re.search(r"^node n2 machine_rank 1$", text, re.M)), text[-4000:]
     assert "2 nodes x 1 processes" in text and f"main n1 ({ADDRS['n1']}:" in text
     assert (out / "asr" / "checkpoints" / "latest").exists()
     assert (out / "asr" / "final" / "omni_config.json").exists()
@@ -366,7 +369,8 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
     assert worst <= LOSS_TOLERANCE, list(zip(two_nodes, one_node))
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, job_env, two_node_run, quick_recipe, cache_dir, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, job_env, two_node_run, quick_recipe, cache_dir,
+                                                        tmp_path):
     out = tmp_path / "run"
     job_id = _submit(job_env, tmp_path, *_training_args(quick_recipe, cache_dir, out))
     log = tmp_path / f"slurm-{job_id}.out"
@@ -405,7 +409,8 @@ def test_two_node_zero3_job_matches_ddp(cluster, job_env, two_node_run, quick_re
     log = tmp_path / f"slurm-{job_id}.out"
     job = _wait_done(cluster, job_id, log)
     text = _text(log)
-    # ZeRO-3 runs sometimes abort at exit after finishing (DESIGN.md 6): judge by the export and losses
+    # ZeRO-3 runs sometimes abort at exit after finishing (see _run in test_distributed.py): judge by
+    # the export and losses
     assert "2 nodes x 1 processes" in text, text[-4000:]
     assert (out / "asr" / "final" / "omni_config.json").exists(), f"{job}\n{text[-4000:]}"
     latest = StageCheckpoints(out / "asr", keep_last=2).latest()

@@ -1,13 +1,13 @@
 """Speech output layout: SNAC frame order, answer_snac strings, the per-layer delay, and which
-positions each of the five tasks scores (DESIGN.md section 1). Expected matrices are written out
-literally, not recomputed by the code under test."""
+positions each of the five tasks scores (training/speech/layout.py's module docstring; README
+"Tasks, speech output and QA data"). Expected matrices are written out literally, not recomputed
+by the code under test."""
 
 import pytest
 import torch
 
-from training.layout import (
+from training.speech.layout import (
     IGNORE,
-    LAYOUT_TASKS,
     TEXT_ROW,
     VocabLayout,
     delay_audio,
@@ -15,7 +15,7 @@ from training.layout import (
     task_example,
     undelay_audio,
 )
-from training.snac_codes import (
+from training.speech.snac_codes import (
     SNAC_24KHZ_CONFIG,
     flatten_snac,
     format_answer_snac,
@@ -38,15 +38,15 @@ CODES_STR = "# 0 4095 17 300 1234 2048 9 # 1 4094 18 301 1235 2049 10 # 2 4093 1
 # task_example(V, "a1a2", 1, [5, 6], CODES): 4 prompt columns | 11 answer columns (3 frames + 8)
 A1A2_IDS = [
     # input_a pad_a  eoa  answer_a | layer i: (i+1) pad_a, 3 codes, eoa, (6-i) pad_a
-    [156098, 156097, 156096, 156099,  156097, 152000, 152001, 152002, 156096, 156097, 156097, 156097, 156097, 156097, 156097],  # A0
-    [160258, 160257, 160256, 160259,  160257, 160257, 160255, 160254, 160253, 160256, 160257, 160257, 160257, 160257, 160257],  # A1
-    [164418, 164417, 164416, 164419,  164417, 164417, 164417, 160337, 160338, 160339, 164416, 164417, 164417, 164417, 164417],  # A2
-    [168578, 168577, 168576, 168579,  168577, 168577, 168577, 168577, 164780, 164781, 164782, 168576, 168577, 168577, 168577],  # A3
-    [172738, 172737, 172736, 172739,  172737, 172737, 172737, 172737, 172737, 169874, 169875, 169876, 172736, 172737, 172737],  # A4
-    [176898, 176897, 176896, 176899,  176897, 176897, 176897, 176897, 176897, 176897, 174848, 174849, 174850, 176896, 176897],  # A5
-    [181058, 181057, 181056, 181059,  181057, 181057, 181057, 181057, 181057, 181057, 181057, 176969, 176970, 176971, 181056],  # A6
+    [156098, 156097, 156096, 156099,  156097, 152000, 152001, 152002, 156096, 156097, 156097, 156097, 156097, 156097, 156097],  # A0  # noqa: E501
+    [160258, 160257, 160256, 160259,  160257, 160257, 160255, 160254, 160253, 160256, 160257, 160257, 160257, 160257, 160257],  # A1  # noqa: E501
+    [164418, 164417, 164416, 164419,  164417, 164417, 164417, 160337, 160338, 160339, 164416, 164417, 164417, 164417, 164417],  # A2  # noqa: E501
+    [168578, 168577, 168576, 168579,  168577, 168577, 168577, 168577, 164780, 164781, 164782, 168576, 168577, 168577, 168577],  # A3  # noqa: E501
+    [172738, 172737, 172736, 172739,  172737, 172737, 172737, 172737, 172737, 169874, 169875, 169876, 172736, 172737, 172737],  # A4  # noqa: E501
+    [176898, 176897, 176896, 176899,  176897, 176897, 176897, 176897, 176897, 176897, 174848, 174849, 174850, 176896, 176897],  # A5  # noqa: E501
+    [181058, 181057, 181056, 181059,  181057, 181057, 181057, 181057, 181057, 181057, 181057, 176969, 176970, 176971, 181056],  # A6  # noqa: E501
     # input_t pad_t  eot  answer_t | 5, 6, eot, then pad_t
-    [151938, 151937, 151936, 151939,  5, 6, 151936, 151937, 151937, 151937, 151937, 151937, 151937, 151937, 151937],  # text
+    [151938, 151937, 151936, 151939,  5, 6, 151936, 151937, 151937, 151937, 151937, 151937, 151937, 151937, 151937],  # text  # noqa: E501
 ]
 
 
@@ -142,7 +142,8 @@ def test_bad_answer_snac_is_rejected_naming_the_row(text, problem):
 # -- SNAC levels <-> 7 codes per frame -----------------------------------------------------------
 
 def test_flatten_order_is_l0_l1_l2_l2_l1_l2_l2():
-    levels = [torch.tensor([[1, 2]]), torch.tensor([[10, 11, 12, 13]]), torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27]])]
+    levels = [torch.tensor([[1, 2]]), torch.tensor([[10, 11, 12, 13]]),
+              torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27]])]
     flat = flatten_snac(levels)
     assert flat.tolist() == [[1, 10, 20, 21, 11, 22, 23], [2, 12, 24, 25, 13, 26, 27]]
     back = unflatten_snac(flat)
@@ -192,7 +193,6 @@ def scored(ex):
 
 
 def test_every_stage_task_has_a_layout():
-    assert sorted(LAYOUT_TASKS) == sorted(TASKS)
     for task in TASKS:
         ex = task_example(V, task, 2 if task in ("asr", "a1t2", "a1a2") else [3, 4], [7, 8], CODES[:2])
         assert ex.input_ids.shape[0] == 8 and ex.labels.shape == ex.input_ids.shape
@@ -238,7 +238,8 @@ def test_a1a2_labels_and_a_text_longer_than_the_speech():
     # columns hold pad_a and are not scored
     long = task_example(V, "a1a2", 2, list(range(10)), CODES[:1])
     assert long.input_ids.shape == (8, 5 + 11)
-    assert scored(long) == {(row, col) for row in range(7) for col in range(5, 14)} | {(TEXT_ROW, c) for c in range(5, 16)}
+    assert scored(long) == ({(row, col) for row in range(7) for col in range(5, 14)}
+                            | {(TEXT_ROW, c) for c in range(5, 16)})
     assert long.input_ids[:7, 14:].tolist() == [[152000 + 4160 * i + 4097] * 2 for i in range(7)]
     assert long.input_ids[6, 13] == 152000 + 6 * 4160 + 4096  # layer 6's eoa ends the block
     assert torch.equal(undelay_audio(V, long.input_ids[:, 5:]), CODES[:1])

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from training.stages import DEMO, MINI_OMNI, SEED_STAGES, RecipeError, load_recipe, lr_at
+from training.recipe_file import load_recipe
+from training.stages import DEMO, MINI_OMNI, SEED_STAGES, RecipeError, lr_at
 
 
 def test_seed_table_matches_published_recipe():
@@ -49,7 +50,8 @@ def test_lr_schedule_boundaries(spec):
 
 def test_recipe_file_overrides_and_types(tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"base": "demo", "batch_size": 8, "stages": {"asr": {"max_steps": 50, "min_steps": 10}}}))
+    path.write_text(json.dumps({"base": "demo", "batch_size": 8,
+                                "stages": {"asr": {"max_steps": 50, "min_steps": 10}}}))
     recipe = load_recipe(str(path))
     assert recipe.batch_size == 8 and recipe.stage("asr").max_steps == 50
     assert recipe.stage("asr").lr_peak == 1e-3  # untouched fields stay the seed's

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import QUICK
 from safetensors.torch import load_file
 
-from training.loop import RunContext, StageRun, load_data_and_pretrained
+from training.engine.context import RunContext
+from training.engine.sources import load_data_and_pretrained
+from training.engine.stage import StageRun
 from training.model import load_omni
+from training.recipe_file import load_recipe
 from training.run import main
-from training.stages import load_recipe
-
-from conftest import QUICK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def test_all_stages_record_and_lower_heldout_loss(three_stages):
     assert stages["asr"]["heldout_loss"] < stages["before"]["heldout_loss"]
     assert stages["final"]["heldout_loss"] < stages["asr"]["heldout_loss"]
     assert stages["final"]["wer"]["heldout"]["wer"] < stages["before"]["wer"]["heldout"]["wer"]
-    losses = [json.loads(l)["loss"] for l in (three_stages / "final" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (three_stages / "final" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == stages["final"]["steps"]
 
 
@@ -104,15 +105,16 @@ def test_export_reloads_with_same_heldout_loss(three_stages, quick_recipe, cache
     run = StageRun(ctx, "final")
     run.setup()
     record = json.loads((three_stages / "run_record.json").read_text())
-    assert run.heldout_loss() == pytest.approx(record["stages"]["final"]["heldout_loss"], abs=1e-6)
+    assert run.evaluation.heldout_loss() == pytest.approx(record["stages"]["final"]["heldout_loss"], abs=1e-6)
     model, _, _ = load_omni(three_stages / "final" / "final")
     assert model.layout.total == model.llm.get_input_embeddings().weight.shape[0]
 
 
 def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-         str(ROOT / "training" / "run.py"), "--stage", "final", "--output-dir", str(tmp_path / "empty")],
+        [sys.executable, "-m", "accelerate.commands.launch",
+         "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "training" / "run.py"),
+         "--stage", "final", "--output-dir", str(tmp_path / "empty")],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode != 0
@@ -138,7 +140,8 @@ def test_wer_gate_stops_a_multi_stage_run(quick_recipe, cache_dir, tmp_path, cap
 
 @pytest.mark.parametrize("stage, previous, frozen", [("second", "asr", ("encoder.", "adapter.")),
                                                       ("final", "second", ("encoder.",))])
-def test_later_stages_keep_their_frozen_modules(three_stages, quick_recipe, cache_dir, tmp_path, stage, previous, frozen):
+def test_later_stages_keep_their_frozen_modules(three_stages, quick_recipe, cache_dir, tmp_path, stage, previous,
+                                                frozen):
     ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
                      accelerator=Accelerator(), max_steps=5, init_from=three_stages / previous / "final")
     load_data_and_pretrained(ctx)
@@ -187,9 +190,9 @@ def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
     a question through the inference helper: a 24 kHz WAV of exactly frames x 2048 samples."""
     import soundfile as sf
 
-    from training.codec import load_codec
-    from training.inference import speak
-    from training.snac_codes import samples_per_frame
+    from training.model.inference import speak
+    from training.speech.codec import load_codec
+    from training.speech.snac_codes import samples_per_frame
 
     stages = json.loads((three_stages / "run_record.json").read_text())["stages"]
     before, final = stages["before"]["audio_tokens"], stages["final"]["audio_tokens"]
@@ -225,10 +228,10 @@ def test_final_stage_hears_what_kind_of_question_is_asked(three_stages, cache_di
     speech is the KIND of question. Answered through the inference helper, most held-out answers
     belong to the asked relation (a colour to a colour question, a number to a count question),
     far more than any one constant answer could."""
-    from training.audio import decode_audio
-    from training.inference import speak
-    from training.qa_corpus import build_qa_corpus, qa_corpus_config
-    from training.text import normalize
+    from training.demo.qa_corpus import build_qa_corpus, qa_corpus_config
+    from training.model.inference import speak
+    from training.speech.audio import decode_audio
+    from training.speech.text import normalize
 
     corpus = build_qa_corpus(cache_dir, qa_corpus_config("quick"))
     answers_of: dict[str, set[str]] = {}

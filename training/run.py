@@ -15,7 +15,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch training/run.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.stages import RECIPES, STAGE_NAMES, RecipeError, format_stage_table, load_recipe  # noqa: E402
+from training.recipe_file import load_recipe  # noqa: E402
+from training.stages import RECIPES, STAGE_NAMES, RecipeError, format_stage_table  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("OMNI_STAGE_CACHE", Path.home() / ".cache" / "omni-stage"))
 
@@ -85,14 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:  # before any Accelerator exists: plain `python training/run.py --dry-run` works
-        from training.dry_run import main_dry_run
+        from training.model.dry_run import main_dry_run
         return main_dry_run(recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens)
 
     # Heavy imports only once the arguments are known to be good.
-    from training.data import DataError
-    from training.loop import (REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, RunContext, StageOrderError, WerGateFailed,
-                               format_wer_table, initial_weights, load_data_and_pretrained, make_accelerator,
-                               prepare_only, run_stage, validate_only, write_run_report)
+    from training.data.checks import DataError
+    from training.engine.boundary import format_wer_table, write_run_report
+    from training.engine.context import (REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, RunContext, StageOrderError,
+                                         WerGateFailed)
+    from training.engine.launch import make_accelerator
+    from training.engine.prepare import prepare_only, validate_only
+    from training.engine.sources import load_data_and_pretrained
+    from training.engine.stage import run_stage
+    from training.engine.weights import initial_weights
 
     accelerator = make_accelerator(recipe, "none" if args.validate_data or args.prepare else args.report_to,
                                    args.output_dir)

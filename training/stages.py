@@ -1,7 +1,7 @@
 """The stage table and recipes: the one source of truth for every training number.
 
 This module imports nothing of the project, so the table can be read (``run.py --help``,
-tests, docs) without building a model.
+tests, docs) without building a model. Recipe files (JSON overrides) are read by training/recipe_file.py.
 
 The seed numbers (steps, initial and peak LR) are Mini-Omni's published recipe:
 
@@ -13,14 +13,10 @@ The seed numbers (steps, initial and peak LR) are Mini-Omni's published recipe:
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Mapping
 
 STAGE_NAMES: tuple[str, ...] = ("asr", "second", "final")
@@ -74,17 +70,23 @@ class StageSpec:
             raise RecipeError(f"{where}: eval_every and early_stop_patience must be positive")
 
 
-def lr_at(stage: StageSpec, step: int) -> float:
-    """LR as a pure function of the optimizer step (so resuming needs only the step).
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr_init: float, lr_peak: float,
+                  lr_floor: float) -> float:
+    """The one LR schedule, a pure function of the optimizer step (so resuming needs only the step).
 
     Linear warm-up from lr_init to lr_peak over warmup_steps, then cosine decay to lr_floor at
-    max_steps; constant at lr_floor afterwards.
+    total_steps; constant at lr_floor afterwards.
     """
-    if step < stage.warmup_steps:
-        return stage.lr_init + (stage.lr_peak - stage.lr_init) * step / stage.warmup_steps
-    decay_steps = stage.max_steps - stage.warmup_steps
-    progress = min(1.0, (step - stage.warmup_steps) / decay_steps)
-    return stage.lr_floor + 0.5 * (stage.lr_peak - stage.lr_floor) * (1.0 + math.cos(math.pi * progress))
+    if step < warmup_steps:
+        return lr_init + (lr_peak - lr_init) * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return lr_floor + 0.5 * (lr_peak - lr_floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(stage: StageSpec, step: int) -> float:
+    """A stage's LR at an optimizer step: its row's warm-up and decay over max_steps."""
+    return warmup_cosine(step, stage.warmup_steps, stage.max_steps, stage.lr_init, stage.lr_peak, stage.lr_floor)
 
 
 # The seed table. Warm-up, floor, eval cadence, patience, task mix and gates are ours; the
@@ -216,7 +218,7 @@ MINI_OMNI = Recipe(
     data=DataSpec(dataset=None),
     frame_stack=1,
     # Mini-Omni's adapter (litgpt whisperMLP) is as wide as the LLM's MLP: Qwen2-0.5B's
-    # intermediate_size. Keeping that width lets training.export write their checkpoint format.
+    # intermediate_size. Keeping that width lets training.model.export write their checkpoint format.
     adapter_hidden=4864,
     batch_size=64,  # global: 8 per GPU on 8 GPUs (use grad_accum on fewer)
 )
@@ -242,108 +244,6 @@ DEMO = Recipe(
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (DEMO, MINI_OMNI)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Recipe files: JSON {"base": "demo", ...overrides...}; stage overrides under "stages": {name: {...}}
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Return value converted to the annotated type, or raise RecipeError naming `where`."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_type(value, arg, where)
-            except RecipeError as err:
-                errors.append(str(err))
-        raise RecipeError(errors[0] if errors else f"{where}: unexpected value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (dict, Mapping, typing.Mapping, collections.abc.Mapping) or annotation is Mapping:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected an object, got {type(value).__name__} {value!r}")
-        key_t, val_t = args or (str, Any)
-        return {_check_type(k, key_t, f"{where} key"): _check_type(v, val_t, f"{where}.{k}") for k, v in value.items()}
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if annotation in (str, bool):
-        if not isinstance(value, annotation):
-            raise RecipeError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise RecipeError(f"{where}: unsupported field type {annotation}")
-
-
-def _override(obj: Any, overrides: Mapping[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(type(obj))
-    known = {f.name for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, value in overrides.items():
-        if key not in known:
-            raise RecipeError(f"{where}: unknown field '{key}' (known: {sorted(known)})")
-        changes[key] = _check_type(value, hints[key], f"{where}.{key}")
-    return replace(obj, **changes)
-
-
-def recipe_from_dict(raw: Mapping[str, Any], source: str = "recipe") -> Recipe:
-    """Build a recipe from a base recipe plus typed overrides; every bad field is named."""
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: expected a JSON object")
-    raw = dict(raw)
-    base_name = raw.pop("base", "demo")
-    if base_name not in RECIPES:
-        raise RecipeError(f"{source}: base '{base_name}' is not a known recipe {sorted(RECIPES)}")
-    recipe = RECIPES[base_name]
-    stage_overrides = raw.pop("stages", {})
-    data_overrides = raw.pop("data", {})
-    if not isinstance(stage_overrides, dict):
-        raise RecipeError(f"{source}.stages: expected an object mapping stage name to overrides")
-    if not isinstance(data_overrides, dict):
-        raise RecipeError(f"{source}.data: expected an object")
-    stages = list(recipe.stages)
-    for name, overrides in stage_overrides.items():
-        if name not in STAGE_NAMES:
-            raise RecipeError(f"{source}.stages: unknown stage '{name}' (expected one of {STAGE_NAMES})")
-        if not isinstance(overrides, dict):
-            raise RecipeError(f"{source}.stages.{name}: expected an object")
-        i = STAGE_NAMES.index(name)
-        stages[i] = _override(stages[i], overrides, f"{source}.stages.{name}")
-    recipe = _override(recipe, {"name": raw.pop("name", f"{base_name}+{Path(source).stem}"), **raw}, source)
-    recipe = replace(recipe, stages=tuple(stages), data=_override(recipe.data, data_overrides, f"{source}.data"))
-    recipe.validate()
-    return recipe
-
-
-def load_recipe(name_or_path: str) -> Recipe:
-    """A built-in recipe by name, or a JSON recipe file."""
-    if name_or_path in RECIPES:
-        return RECIPES[name_or_path]
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise RecipeError(f"recipe '{name_or_path}': not a built-in recipe {sorted(RECIPES)} and no such file")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"{path}: not valid JSON ({err})") from err
-    return recipe_from_dict(raw, source=str(path))
 
 
 def format_stage_table(recipe: Recipe) -> str:

@@ -1,4 +1,6 @@
-"""Stage-boundary evaluation: greedy ASR decoding, Whisper-normalized WER, held-out loss."""
+"""Held-out scores of a model on a loader: greedy decoding for WER and answer accuracy (Whisper-
+normalized), teacher-forced audio-token accuracy, and the token-weighted loss. Each utterance is
+scored exactly once across processes."""
 
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from training.inference import generate
-from training.layout import N_AUDIO_LAYERS
-from training.snac_codes import SNAC_CODEBOOK
-from training.text import normalize
+from training.model import model_inputs
+from training.model.inference import generate
+from training.speech.layout import N_AUDIO_LAYERS
+from training.speech.snac_codes import SNAC_CODEBOOK
+from training.speech.text import normalize
 
 WER_METRIC_DIR = Path(__file__).parent / "metrics" / "wer"
+
+
 def load_wer_metric() -> evaluate.EvaluationModule:
     """Our local metric module: loads offline, no hub script."""
     return evaluate.load(str(WER_METRIC_DIR))
@@ -112,10 +117,3 @@ def heldout_loss(accelerator: Accelerator, model, loader: DataLoader) -> float:
     model.train()
     total = torch.stack(totals).sum(0)
     return float(total[0] / total[1])
-
-
-MODEL_KEYS = ("input_ids", "labels", "attention_mask", "audio_mask", "encoder_states", "encoder_lengths")
-
-
-def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in MODEL_KEYS}

@@ -9,20 +9,19 @@ the real one, but audio decoded from those codes is not intelligible.
 from __future__ import annotations
 
 import os
-from typing import Callable
-
 import numpy as np
 import torch
 from snac import SNAC
 
-from training.audio import resample
-from training.snac_codes import SNAC_24KHZ_CONFIG, flatten_snac, samples_per_frame, unflatten_snac
+from training.common import LogFn
+from training.speech.audio import resample
+from training.speech.snac_codes import SNAC_24KHZ_CONFIG, flatten_snac, samples_per_frame, unflatten_snac
 
 SAMPLING_RATE = SNAC_24KHZ_CONFIG["sampling_rate"]
 RANDOM_SEED = 0
 
 
-def load_codec(source: str | None, log: Callable[[str], None] = print) -> SNAC:
+def load_codec(source: str | None, log: LogFn = print) -> SNAC:
     """SNAC by local path / hub id, or (source None) the 24 kHz config with seeded random weights."""
     if source is None:
         log("speech codec: SNAC 24 kHz built from its config with seeded RANDOM weights (no checkpoint given): "

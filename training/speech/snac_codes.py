@@ -8,7 +8,7 @@ the order
     [L0[j], L1[2j], L2[4j], L2[4j+1], L1[2j+1], L2[4j+2], L2[4j+3]]
 
 i.e. depth first: each level-1 code is followed by the two level-2 codes it covers. Column k of a
-frame becomes audio layer k of the 8-stream layout (see training/layout.py for the delay).
+frame becomes audio layer k of the 8-stream layout (see training/speech/layout.py for the delay).
 
 VoiceAssistant-400K stores a row's answer speech as text: "#" before every frame, then its 7
 codes as decimal integers, all separated by whitespace, e.g. "# 1 2 3 4 5 6 7 # 8 9 ...".

@@ -1,12 +1,12 @@
 """The embedded spoken question/answer corpus: questions spoken by espeak-ng, short text answers,
 and the answers spoken by one fixed assistant voice as SNAC codes.
 
-It feeds the stages that answer (A1T2, A1A2, T1A2, T1T2) the way the ASR corpus (training/corpus.py)
-feeds ASR, and it reuses that module's voices, synthesis, trimming and caching.
+It feeds the stages that answer (A1T2, A1A2, T1A2, T1T2) the way the ASR corpus (training.demo.corpus)
+feeds ASR: it reuses that corpus's voices, Arrow layout and loader, and speaks through training.demo.espeak.
 
 Generator
 ---------
-Facts come from a few relations, each a table keyword -> answer (1-3 words):
+Facts come from a few relations (training.demo.qa_facts), each a table keyword -> answer (1-3 words):
 
   opposite      hot -> cold, up -> down, ...          color      the sky -> blue, a frog -> green, ...
   number_after  seven -> eight (one .. twelve)        number_before  seven -> six (two .. thirteen)
@@ -52,7 +52,7 @@ Schema ("ours"; the first four columns carry VoiceAssistant-400K's names and for
   answer          str    the short text answer (1-3 words)
   answer_snac     str    the answer spoken by the fixed assistant voice, encoded with the 24 kHz
                          SNAC codec into [n, 7] codes, as "# c1 c2 c3 c4 c5 c6 c7 # ..."
-                         (training.snac_codes.parse_answer_snac reads it back)
+                         (training.speech.snac_codes.parse_answer_snac reads it back)
   answer_audio    Audio  that assistant speech itself (same form as question_audio), so a user
                          with real SNAC weights can re-encode it
   speaker         str    the question voice's speaker id
@@ -61,7 +61,7 @@ Schema ("ours"; the first four columns carry VoiceAssistant-400K's names and for
 
 Answer speech comes from one assistant voice, so each distinct answer text is synthesized and
 encoded once and shared by all rows with that answer. The default codec is SNAC built with seeded
-random weights (training.codec.load_codec(None)): the codes are a real training target, but
+random weights (training.speech.codec.load_codec(None)): the codes are a real training target, but
 decoding them gives unintelligible audio; set `QACorpusConfig.codec` to a local snac_24khz
 folder for real codes.
 
@@ -74,31 +74,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Audio, Dataset, DatasetDict, Features, Value
+from datasets import Dataset, DatasetDict, Features, Value
 
-from training.audio import wav_bytes
-from training.corpus import (
-    ESPEAK_SAMPLE_RATE,
-    SPLITS,
-    CorpusConfig,
-    VoiceSpec,
-    check_voices,
-    load_cached,
-    save_atomically,
-    speak_clip,
-)
+from training.common import LogFn, build_once
+from training.demo.corpus import SPLITS, CorpusConfig, audio_dataset, check_corpus_config, load_corpus
+from training.demo.espeak import ESPEAK_SAMPLE_RATE, VoiceSpec, speak_clip
+from training.demo.qa_facts import RELATIONS
+from training.speech.audio import wav_bytes
 
 __all__ = [
-    "RELATIONS",
     "QACorpusConfig",
     "QAItem",
     "build_qa_corpus",
@@ -107,8 +98,6 @@ __all__ = [
     "qa_corpus_dir",
     "split_questions",
 ]
-
-LogFn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -141,123 +130,6 @@ def qa_corpus_config(scale: str) -> QACorpusConfig:
     if scale == "quick":
         return QACorpusConfig(n_train=1200, n_dev=40, n_heldout=100)
     raise ValueError(f"QA corpus scale is 'full' or 'quick', got {scale!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Relations: keyword -> answer tables and six phrasings each ("{k}" is the keyword).
-
-
-@dataclass(frozen=True)
-class Relation:
-    """One kind of fact: keyword -> answer, askable in several phrasings (the held-out rule needs >= 3)."""
-
-    name: str
-    facts: tuple[tuple[str, str], ...]  # (keyword, answer)
-    templates: tuple[str, ...]
-
-
-def _both_ways(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    return tuple(fact for a, b in pairs for fact in ((a, b), (b, a)))
-
-
-def _a(noun: str) -> str:
-    return ("an " if noun[0] in "aeiou" else "a ") + noun
-
-
-_NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-            "thirteen")
-_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-
-# Opposites only where the answer is unambiguous in both directions ("old" -> new or young is out).
-_OPPOSITES = _both_ways((
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("wet", "dry"), ("up", "down"),
-    ("day", "night"), ("black", "white"), ("good", "bad"), ("rich", "poor"), ("full", "empty"),
-    ("early", "late"), ("left", "right"), ("clean", "dirty"), ("loud", "quiet"), ("yes", "no"),
-))
-
-RELATIONS: tuple[Relation, ...] = (
-    Relation("opposite", _OPPOSITES, (
-        "what is the opposite of {k}",
-        "tell me the opposite of {k}",
-        "{k} is the opposite of what",
-        "what word means the opposite of {k}",
-        "say the opposite of {k}",
-        "what is the other side of {k}",
-    )),
-    Relation("color", (
-        ("the sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("a banana", "yellow"),
-        ("a tomato", "red"), ("a carrot", "orange"), ("milk", "white"), ("a lemon", "yellow"), ("a leaf", "green"),
-        ("a cherry", "red"), ("chocolate", "brown"), ("a pumpkin", "orange"), ("a frog", "green"),
-        ("a crow", "black"), ("the sea", "blue"), ("a plum", "purple"), ("an elephant", "grey"),
-    ), (
-        "what color is {k}",
-        "tell me the color of {k}",
-        "what is the color of {k}",
-        "{k} is what color",
-        "which color is {k}",
-        "name the color of {k}",
-    )),
-    Relation("number_after", tuple(itertools.pairwise(_NUMBERS)), (
-        "what number comes after {k}",
-        "what is {k} plus one",
-        "which number follows {k}",
-        "{k} plus one is what",
-        "tell me the number after {k}",
-        "count from {k} what comes next",
-    )),
-    Relation("number_before", tuple(zip(_NUMBERS[1:], _NUMBERS[:-1])), (
-        "what number comes before {k}",
-        "what is {k} minus one",
-        "which number is just before {k}",
-        "{k} minus one is what",
-        "tell me the number before {k}",
-        "count down from {k} what comes next",
-    )),
-    Relation("animal_sound", tuple((_a(animal), sound) for animal, sound in (
-        ("dog", "woof"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("pig", "oink"), ("lion", "roar"),
-        ("owl", "hoot"), ("horse", "neigh"), ("snake", "hiss"), ("bee", "buzz"), ("frog", "croak"),
-        ("mouse", "squeak"), ("wolf", "howl"), ("donkey", "hee haw"),
-    )), (
-        "what sound does {k} make",
-        "what does {k} say",
-        "which sound does {k} make",
-        "{k} makes what sound",
-        "tell me the sound {k} makes",
-        "what noise does {k} make",
-    )),
-    Relation("legs", tuple((_a(animal), legs) for animal, legs in (
-        ("dog", "four"), ("cat", "four"), ("horse", "four"), ("cow", "four"), ("bird", "two"), ("duck", "two"),
-        ("chicken", "two"), ("spider", "eight"), ("ant", "six"), ("bee", "six"), ("beetle", "six"),
-        ("snake", "zero"), ("fish", "zero"), ("crab", "ten"),
-    )), (
-        "how many legs does {k} have",
-        "{k} has how many legs",
-        "count the legs of {k}",
-        "tell me how many legs {k} has",
-        "what number of legs does {k} have",
-        "how many legs are on {k}",
-    )),
-    Relation("baby_animal", tuple((animal, baby) for animal, baby in (
-        ("dog", "puppy"), ("cat", "kitten"), ("cow", "calf"), ("sheep", "lamb"), ("horse", "foal"),
-        ("duck", "duckling"), ("frog", "tadpole"), ("goat", "kid"), ("bear", "cub"), ("pig", "piglet"),
-        ("hen", "chick"), ("kangaroo", "joey"),
-    )), (
-        "what is a baby {k} called",
-        "what do you call a baby {k}",
-        "a baby {k} is called what",
-        "tell me the name for a baby {k}",
-        "what is the name of a young {k}",
-        "what word means a baby {k}",
-    )),
-    Relation("day_after", tuple(zip(_DAYS, _DAYS[1:] + _DAYS[:1])), (
-        "what day comes after {k}",
-        "which day follows {k}",
-        "what is the day after {k}",
-        "the day after {k} is what",
-        "tell me the day after {k}",
-        "if today is {k} what day is tomorrow",
-    )),
-)
 
 
 @dataclass(frozen=True)
@@ -339,22 +211,16 @@ def _n_keywords() -> int:
 
 
 def _check_config(config: QACorpusConfig) -> None:
-    if min(config.n_train, config.n_dev, config.n_heldout) < 1:
-        raise ValueError(f"every split needs at least one row: {config}")
+    check_corpus_config(config, unit="row")
     if config.n_train < _n_keywords():
         raise ValueError(f"n_train={config.n_train} cannot teach all {_n_keywords()} facts; the held-out questions "
                          f"would ask about facts training never shows (use n_train >= {_n_keywords()})")
-    if not config.train_voices or not config.heldout_voices:
-        raise ValueError("QACorpusConfig needs at least one training voice and one held-out voice")
-    if config.sampling_rate != ESPEAK_SAMPLE_RATE:
-        raise ValueError(f"espeak-ng synthesizes at {ESPEAK_SAMPLE_RATE} Hz; got sampling_rate={config.sampling_rate}")
-    check_voices(config.train_voices, config.heldout_voices)
 
 
 def qa_config_hash(config: QACorpusConfig) -> str:
     """Hash of everything the corpus content depends on: config, relation tables, codec identity."""
-    from training.codec import RANDOM_SEED
-    from training.snac_codes import SNAC_24KHZ_CONFIG
+    from training.speech.codec import RANDOM_SEED
+    from training.speech.snac_codes import SNAC_24KHZ_CONFIG
 
     payload = {
         "config": dataclasses.asdict(config),
@@ -382,8 +248,8 @@ def _speak_answers(answers: list[str], config: QACorpusConfig, log: LogFn) -> di
     """Each distinct answer, once: (WAV bytes of the assistant voice, answer_snac string)."""
     import torch
 
-    from training.codec import encode_speech, load_codec
-    from training.snac_codes import format_answer_snac
+    from training.speech.codec import encode_speech, load_codec
+    from training.speech.snac_codes import format_answer_snac
 
     codec = load_codec(config.codec, log=log)
     voice = config.assistant_voice
@@ -414,15 +280,6 @@ _FEATURES = Features({
 })
 
 
-def _to_dataset(columns: dict[str, list]) -> Dataset:
-    # Plain structs first, then a cast to Audio: encoding Audio values directly imports torchcodec
-    # (FFmpeg) even for ready-made bytes (as in training/corpus.py).
-    dataset = Dataset.from_dict(columns, features=_FEATURES)
-    for column in ("question_audio", "answer_audio"):
-        dataset = dataset.cast_column(column, Audio(sampling_rate=ESPEAK_SAMPLE_RATE, decode=False))
-    return dataset
-
-
 def build_qa_corpus(cache_dir: str | Path, config: QACorpusConfig = QACorpusConfig(),
                     log: LogFn = print) -> DatasetDict:
     """Build (once) and load the spoken question/answer corpus as a `datasets.DatasetDict`.
@@ -433,7 +290,7 @@ def build_qa_corpus(cache_dir: str | Path, config: QACorpusConfig = QACorpusConf
     _check_config(config)
     target = qa_corpus_dir(cache_dir, config)
     if target.exists():
-        return load_cached(target)
+        return load_corpus(target)
 
     started = time.perf_counter()
     pools = split_questions(config)
@@ -468,13 +325,14 @@ def build_qa_corpus(cache_dir: str | Path, config: QACorpusConfig = QACorpusConf
         seconds = sum(len(a["bytes"]) - 44 for a in columns["question_audio"]) / 2 / config.sampling_rate
         log(f"qa corpus: synthesized {name}: {len(rows[name])} questions ({len(set(columns['question']))} distinct), "
             f"{seconds / 60:.1f} min of audio, {len(voices[name])} voices in {time.perf_counter() - t0:.1f} s")
-        splits[name] = _to_dataset(columns)
+        splits[name] = audio_dataset(columns, _FEATURES, ("question_audio", "answer_audio"))
 
     _check_answerable(splits)
-    save_atomically(DatasetDict(splits), target, log, "qa corpus")
+    with build_once(target, log, "qa corpus") as tmp:
+        DatasetDict(splits).save_to_disk(str(tmp))
     log(f"qa corpus: {sum(len(d) for d in splits.values())} rows ready in {time.perf_counter() - started:.1f} s "
         f"at {target}")
-    return load_cached(target)
+    return load_corpus(target)
 
 
 def _check_answerable(splits: dict[str, Dataset]) -> None:

@@ -1,81 +1,51 @@
 """The embedded speech corpus: English sentences from a small grammar, spoken by espeak-ng.
 
-No speech data set is reachable offline, so the demo synthesizes one. espeak-ng comes from the
-PyPI package `espeakng-loader` (the shared library plus its voice data) and is driven through
-ctypes in synchronous mode: the default 1,800 utterances take ~5 s on one core.
-
 Splits:
   train    training voices   x training sentences
   dev      training voices   x dev sentences        (new sentences, known voices)
   heldout  held-out voices   x held-out sentences   (new sentences AND new voices)
 
-espeak output is not bit-identical from run to run, so a built corpus is saved once with
-`save_to_disk` and every later call loads that copy: runs and resumed runs see the same audio.
+espeak output is not bit-identical from run to run (training.demo.espeak), so a built corpus is
+saved once with `save_to_disk` and every later call loads that copy: runs and resumed runs see the
+same audio.
 
-The spoken question/answer corpus (training/qa_corpus.py) reuses this module's voices, synthesis
-(`speak_clip`) and caching (`save_atomically`, `load_cached`).
+The spoken question/answer corpus (training.demo.qa_corpus) reuses this module's splits, voices
+(CorpusConfig's), Arrow layout (`audio_dataset`) and loader (`load_corpus`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import shutil
-import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
 
-import numpy as np
 from datasets import Audio, Dataset, DatasetDict, Features, Value, load_from_disk
 
-from training.audio import wav_bytes
+from training.common import LogFn, build_once
+from training.demo.espeak import ESPEAK_SAMPLE_RATE, VoiceSpec, check_voices, speak_clip
+from training.speech.audio import wav_bytes
 
 __all__ = [
-    "CorpusConfig",
-    "VoiceSpec",
     "SPLITS",
+    "CorpusConfig",
+    "audio_dataset",
     "build_corpus",
-    "check_voices",
+    "check_corpus_config",
     "config_hash",
+    "corpus_config",
     "corpus_dir",
-    "load_cached",
+    "load_corpus",
     "make_sentences",
-    "save_atomically",
-    "speak_clip",
     "split_sentences",
-    "synthesize",
-    "vocabulary",
+    "text_only_sentences",
 ]
 
 SPLITS = ("train", "dev", "heldout")
-ESPEAK_SAMPLE_RATE = 22050  # what espeak-ng reports from espeak_Initialize; checked at init
-
-
-@dataclass(frozen=True)
-class VoiceSpec:
-    """One synthetic speaker: an espeak voice ("language+variant"), a rate and a pitch."""
-
-    voice: str  # e.g. "en-us+m3": base voice "en-us", variant "m3"
-    rate: int  # words per minute (espeak default 175)
-    pitch: int  # 0-100 (espeak default 50)
-
-    @property
-    def speaker_id(self) -> str:
-        return f"{self.voice}_r{self.rate}_p{self.pitch}"
-
-    @property
-    def base(self) -> str:
-        return self.voice.split("+", 1)[0]
-
-    @property
-    def variant(self) -> str:
-        return self.voice.split("+", 1)[1] if "+" in self.voice else ""
 
 
 @dataclass(frozen=True)
@@ -113,7 +83,10 @@ class CorpusConfig:
     sampling_rate: int = ESPEAK_SAMPLE_RATE
 
 
-LogFn = Callable[[str], None]
+def corpus_config(scale: str) -> CorpusConfig:
+    """The corpus at full size (the demo) or quick size (the tests; any scale but "full")."""
+    return CorpusConfig() if scale == "full" else CorpusConfig(n_train=480, n_dev=40, n_heldout=40)
+
 
 # ----------------------------------------------------------------------------------------------
 # Sentences: a small template grammar over ~200 words.
@@ -238,17 +211,6 @@ def _sentence(rng: random.Random) -> list[str]:
             _pick(rng, _LOCATION_PREPOSITIONS), *_noun_phrase(rng, _PLACES, 0.0)]
 
 
-def vocabulary() -> frozenset[str]:
-    """Every word the grammar can produce."""
-    words: set[str] = set(_DETERMINERS) | {"an"} | set(_NUMBERS) | set(_ADJECTIVES) | set(_CREATURES)
-    words |= set(_OBJECTS) | set(_OBJECTS.values()) | set(_PLACES)
-    words |= {w for pair in _INTRANSITIVE + _TRANSITIVE for w in pair}
-    words |= set(_MOTION_PREPOSITIONS) | set(_LOCATION_PREPOSITIONS) | set(_ADVERBS)
-    words |= {w for phrase in _TIMES for w in phrase} | set(_PLURAL_PRONOUNS) | set(_SINGULAR_PRONOUNS)
-    words |= {"there", "is", "are", "very", "where", "can", "and"}
-    return frozenset(words)
-
-
 def make_sentences(n: int, seed: int, min_words: int = 4, max_words: int = 10) -> list[str]:
     """`n` distinct sentences (lowercase, no punctuation), deterministic in `seed`."""
     rng = random.Random(seed)
@@ -298,164 +260,19 @@ def split_sentences(config: CorpusConfig) -> dict[str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# espeak-ng through ctypes.
-
-_AUDIO_OUTPUT_SYNCHRONOUS = 2  # espeak_AUDIO_OUTPUT enum: PLAYBACK, RETRIEVAL, SYNCHRONOUS, ...
-_POS_CHARACTER = 1  # espeak_POSITION_TYPE
-_CHARS_UTF8 = 1
-_PARAM_RATE = 1  # espeak_PARAMETER enum: SILENCE, RATE, VOLUME, PITCH, RANGE, ...
-_PARAM_PITCH = 3
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-
-
-class _Espeak:
-    """The process-wide espeak-ng engine (the C library keeps global state: initialize once)."""
-
-    _instance: "_Espeak | None" = None
-
-    def __init__(self) -> None:
-        try:
-            import espeakng_loader
-        except ImportError as exc:
-            raise RuntimeError("speech synthesis needs the PyPI package espeakng-loader "
-                               "(pip install espeakng-loader)") from exc
-        lib_path = espeakng_loader.get_library_path()
-        try:
-            lib = ctypes.CDLL(lib_path)
-        except OSError as exc:
-            raise RuntimeError(f"cannot load libespeak-ng from {lib_path}: {exc}") from exc
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_Initialize.restype = ctypes.c_int
-        lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
-        lib.espeak_SetSynthCallback.restype = None
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetVoiceByName.restype = ctypes.c_int
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_SetParameter.restype = ctypes.c_int
-        lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        lib.espeak_Synth.restype = ctypes.c_int
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
-        if rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed (returned {rate}); data path "
-                               f"{espeakng_loader.get_data_path()}")
-        self.lib = lib
-        self.sample_rate = rate
-        self.variants_dir = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
-        self._lock = threading.Lock()  # one engine, one output buffer: one utterance at a time
-        self._chunks: list[np.ndarray] = []
-
-        def collect(wav: "ctypes._Pointer[ctypes.c_short]", n: int, _events: int | None) -> int:
-            # espeak calls back with successive int16 chunks, and once more with NULL at the end.
-            if wav and n > 0:
-                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0  # 0 = keep synthesizing
-
-        # Keep a reference: ctypes does not, and a collected callback crashes the process.
-        self._callback = _SYNTH_CALLBACK(collect)
-        lib.espeak_SetSynthCallback(self._callback)
-        self._voice: str | None = None
-
-    @classmethod
-    def get(cls) -> "_Espeak":
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        with self._lock:
-            return self._say(text, voice, rate, pitch)
-
-    def _say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        if voice != self._voice:
-            variant = voice.split("+", 1)[1] if "+" in voice else ""
-            # espeak silently ignores an unknown variant ("en+nonsense" speaks plain "en"): check it.
-            if variant and not (self.variants_dir / variant).is_file():
-                raise ValueError(f"espeak-ng has no voice variant {variant!r} (in {voice!r}); "
-                                 f"see {self.variants_dir}")
-            if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                raise ValueError(f"espeak-ng has no voice {voice!r} (expected e.g. 'en-us+m3')")
-            self._voice = voice
-        self.lib.espeak_SetParameter(_PARAM_RATE, int(rate), 0)
-        self.lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
-        self._chunks.clear()
-        data = text.encode("utf-8") + b"\0"
-        status = self.lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-        if status != 0:
-            raise RuntimeError(f"espeak_Synth failed with status {status} on {text!r}")
-        if not self._chunks:
-            raise RuntimeError(f"espeak produced no audio for {text!r} with voice {voice!r}")
-        return np.concatenate(self._chunks)
-
-
-def synthesize(text: str, voice: VoiceSpec | str, rate: int | None = None, pitch: int | None = None) -> np.ndarray:
-    """Speak `text`; returns int16 samples at 22,050 Hz (see `ESPEAK_SAMPLE_RATE`)."""
-    if isinstance(voice, VoiceSpec):
-        rate = voice.rate if rate is None else rate
-        pitch = voice.pitch if pitch is None else pitch
-        voice = voice.voice
-    engine = _Espeak.get()
-    if engine.sample_rate != ESPEAK_SAMPLE_RATE:
-        raise RuntimeError(f"espeak-ng reports {engine.sample_rate} Hz, expected {ESPEAK_SAMPLE_RATE}")
-    return engine.say(text, voice, 175 if rate is None else rate, 50 if pitch is None else pitch)
-
-
-def _trim(samples: np.ndarray, threshold: int, keep: int) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > threshold)
-    if loud.size == 0:
-        return samples
-    return samples[max(0, loud[0] - keep): loud[-1] + 1 + keep]
-
-
-class ClipSettings(Protocol):
-    """The audio settings `speak_clip` reads (CorpusConfig has them; so may other corpus configs)."""
-
-    silence_threshold: int
-    keep_silence_ms: int
-    max_seconds: float
-    sampling_rate: int
-
-
-def speak_clip(text: str, voice: str, rate: int, pitch: int, settings: ClipSettings, where: str) -> np.ndarray:
-    """One utterance as the corpora store it: synthesized, silence trimmed, at most `max_seconds`.
-
-    A clip that comes out too long is spoken again faster rather than dropped, so split sizes and
-    text pools stay as configured; `where` names the row if even that is too long.
-    """
-    keep = int(settings.keep_silence_ms * settings.sampling_rate / 1000)
-    max_samples = int(settings.max_seconds * settings.sampling_rate)
-    samples = _trim(synthesize(text, voice, rate, pitch), settings.silence_threshold, keep)
-    if samples.size > max_samples:
-        samples = _trim(synthesize(text, voice, int(rate * samples.size / max_samples) + 10, pitch),
-                        settings.silence_threshold, keep)
-        if samples.size > max_samples:
-            raise RuntimeError(f"{where}: {text!r} is {samples.size / settings.sampling_rate:.2f} s "
-                               f"even spoken fast; max_seconds={settings.max_seconds}")
-    return samples
-
-
-# ----------------------------------------------------------------------------------------------
 # Building and caching.
 
 
-def _check_config(config: CorpusConfig) -> None:
+def check_corpus_config(config, unit: str = "utterance") -> None:
+    """What any synthesized corpus config needs (CorpusConfig, QACorpusConfig): every split a `unit`,
+    training and held-out voices that do not overlap, espeak-ng's sample rate."""
     if min(config.n_train, config.n_dev, config.n_heldout) < 1:
-        raise ValueError(f"every split needs at least one utterance: {config}")
+        raise ValueError(f"every split needs at least one {unit}: {config}")
     if not config.train_voices or not config.heldout_voices:
-        raise ValueError("CorpusConfig needs at least one training voice and one held-out voice")
+        raise ValueError(f"{type(config).__name__} needs at least one training voice and one held-out voice")
     if config.sampling_rate != ESPEAK_SAMPLE_RATE:
         raise ValueError(f"espeak-ng synthesizes at {ESPEAK_SAMPLE_RATE} Hz; got sampling_rate={config.sampling_rate}")
     check_voices(config.train_voices, config.heldout_voices)
-
-
-def check_voices(train_voices: Sequence[VoiceSpec], heldout_voices: Sequence[VoiceSpec]) -> None:
-    """Held-out speakers share neither voice nor variant with training ones: "heldout" means unheard."""
-    train_ids = {v.voice for v in train_voices}
-    train_variants = {v.variant for v in train_voices}
-    for held in heldout_voices:
-        if held.voice in train_ids or held.variant in train_variants:
-            raise ValueError(f"held-out voice {held.voice!r} (variant {held.variant!r}) also occurs in training; "
-                             f"a held-out speaker must be new")
 
 
 def config_hash(config: CorpusConfig) -> str:
@@ -468,16 +285,20 @@ def corpus_dir(cache_dir: str | Path, config: CorpusConfig = CorpusConfig()) -> 
     return Path(cache_dir) / f"corpus-{config_hash(config)}"
 
 
-def _to_dataset(columns: dict[str, list]) -> Dataset:
-    """A Dataset whose "audio" column is `Audio(decode=False)` holding our WAV bytes.
+_FEATURES = Features({"audio": {"bytes": Value("binary"), "path": Value("string")},
+                      "text": Value("string"), "speaker": Value("string")})
+
+
+def audio_dataset(columns: dict[str, list], features: Features, audio_columns: Sequence[str]) -> Dataset:
+    """A Dataset whose `audio_columns` are `Audio(decode=False)` holding our WAV bytes.
 
     The columns go in as plain Arrow structs and are then cast: `Features.encode_example` for
     Audio imports torchcodec (which needs FFmpeg) even for ready-made bytes; a cast does not.
     """
-    features = Features({"audio": {"bytes": Value("binary"), "path": Value("string")},
-                         "text": Value("string"), "speaker": Value("string")})
     dataset = Dataset.from_dict(columns, features=features)
-    return dataset.cast_column("audio", Audio(sampling_rate=ESPEAK_SAMPLE_RATE, decode=False))
+    for column in audio_columns:
+        dataset = dataset.cast_column(column, Audio(sampling_rate=ESPEAK_SAMPLE_RATE, decode=False))
+    return dataset
 
 
 def _synthesize_split(name: str, sentences: list[str], voices: Sequence[VoiceSpec], config: CorpusConfig,
@@ -502,10 +323,10 @@ def build_corpus(cache_dir: str | Path, config: CorpusConfig = CorpusConfig(), l
     `cache_dir/corpus-<config hash>`; it is written to a temporary folder and renamed into place,
     so an interrupted build never leaves a folder that a later call would load.
     """
-    _check_config(config)
+    check_corpus_config(config)
     target = corpus_dir(cache_dir, config)
     if target.exists():
-        return _load(target)
+        return load_corpus(target)
 
     started = time.perf_counter()
     pools = split_sentences(config)
@@ -518,41 +339,16 @@ def build_corpus(cache_dir: str | Path, config: CorpusConfig = CorpusConfig(), l
         seconds = sum(len(a["bytes"]) - 44 for a in columns["audio"]) / 2 / config.sampling_rate
         log(f"corpus: synthesized {name}: {len(pools[name])} utterances, {seconds / 60:.1f} min of audio, "
             f"{len(voices[name])} voices in {time.perf_counter() - t0:.1f} s")
-        splits[name] = _to_dataset(columns)
-    save_atomically(DatasetDict(splits), target, log, "corpus")
+        splits[name] = audio_dataset(columns, _FEATURES, ("audio",))
+    with build_once(target, log, "corpus") as tmp:
+        DatasetDict(splits).save_to_disk(str(tmp))
     log(f"corpus: {sum(len(d) for d in splits.values())} utterances ready in "
         f"{time.perf_counter() - started:.1f} s at {target}")
-    return _load(target)
+    return load_corpus(target)
 
 
-def save_atomically(corpus: DatasetDict, target: Path, log: LogFn, label: str) -> None:
-    """`save_to_disk` into a temporary folder, then rename it to `target`.
-
-    An interrupted build never leaves a folder that a later call would load, and when two
-    processes (e.g. two ranks) build at once, the first rename wins and both use that copy.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        corpus.save_to_disk(str(tmp))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process (e.g. a second rank) finished first: keep its copy so all agree.
-            if not target.exists():
-                raise
-            log(f"{label}: {target} appeared while building; using that copy")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful rename
-
-
-def load_cached(target: Path) -> DatasetDict:
-    """A corpus saved by `save_atomically`, checked to hold the splits train/dev/heldout."""
-    return _load(target)
-
-
-def _load(target: Path) -> DatasetDict:
+def load_corpus(target: Path) -> DatasetDict:
+    """A corpus saved by a build (this module's or the QA corpus's), checked to hold train/dev/heldout."""
     try:
         corpus = load_from_disk(str(target))
     except Exception as exc:

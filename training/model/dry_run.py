@@ -34,11 +34,11 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from training.layout import VocabLayout, n_adapter_frames, n_encoder_frames
+from training.speech.layout import VocabLayout, n_adapter_frames, n_encoder_frames
 from training.model import OmniConfig, OmniModel, grow_vocabulary, parameter_summary, set_trainable
 from training.stages import MODULES, Recipe, StageSpec
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Hub ids whose published configs ship with the project (architecture only, no weights).
 SHIPPED_CONFIGS: dict[str, Path] = {
     "openai/whisper-small": CONFIGS_DIR / "whisper-small",
@@ -98,10 +98,8 @@ def build_meta_model(encoder_dir: Path, llm_dir: Path, frame_stack: int, adapter
         pretrained_count = count(llm.parameters())
         text_vocab = llm_config.vocab_size
         grow_vocabulary(llm, VocabLayout(text_vocab=text_vocab))
-        width = llm_config.hidden_size
-        config = OmniConfig(encoder=encoder_ref, text_vocab=text_vocab, frame_stack=frame_stack,
-                            adapter_in=encoder_config.d_model * frame_stack,
-                            adapter_hidden=adapter_hidden or 4 * width, adapter_out=width)
+        config = OmniConfig.for_parts(encoder_ref, encoder_config.d_model, text_vocab, llm_config.hidden_size,
+                                      frame_stack, adapter_hidden)
         model = OmniModel(encoder, llm, config)
     return model, pretrained_count
 

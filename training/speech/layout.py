@@ -64,7 +64,8 @@ from typing import Sequence
 
 import torch
 
-from training.snac_codes import as_codes
+from training.speech.snac_codes import as_codes
+from training.stages import TASKS
 
 IGNORE = -100  # label value that the loss skips
 N_AUDIO_LAYERS = 7
@@ -230,7 +231,6 @@ def n_adapter_frames(n_frames: int, frame_stack: int) -> int:
 
 SPEECH_TASKS = ("a1a2", "t1a2")  # tasks whose answer carries speech
 SPEECH_IN_TASKS = ("asr", "a1t2", "a1a2")  # tasks whose question is speech
-LAYOUT_TASKS = ("asr", "a1t2", "t1t2", "a1a2", "t1a2")
 
 
 def audio_block_width(n_frames: int) -> int:
@@ -239,7 +239,7 @@ def audio_block_width(n_frames: int) -> int:
 
 
 def delay_audio(layout: VocabLayout, codes: torch.Tensor) -> torch.Tensor:
-    """codes [n, 7] (frame order of training.snac_codes) -> global ids [7, n + 8].
+    """codes [n, 7] (frame order of training.speech.snac_codes) -> global ids [7, n + 8].
 
     Layer i: (i + 1) x pad_a, its n codes, eoa, (6 - i) x pad_a, all shifted into layer i's block.
     """
@@ -344,8 +344,8 @@ def task_example(layout: VocabLayout, task: str, question: int | Sequence[int], 
     codes) is required by the speech-out tasks (a1a2, t1a2) and ignored by the others, so one
     prepared row can serve every task.
     """
-    if task not in LAYOUT_TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {LAYOUT_TASKS}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     speech_in = task in SPEECH_IN_TASKS
     if speech_in != isinstance(question, numbers.Integral) or isinstance(question, bool):
         wanted = "a number of speech positions (int)" if speech_in else "question token ids"

@@ -1,30 +1,18 @@
-"""Whisper encoder + gated-MLP adapter + Qwen2 LLM with Mini-Omni's 8-stream vocabulary.
-
-The pretrained parts load by local path or hub id through transformers, the same way for the
-real checkpoints (openai/whisper-small, Qwen/Qwen2-0.5B) and for the demo's tiny stand-ins.
-A stage-final export (``save_omni``) reloads with ``load_omni``.
-"""
+"""Whisper encoder + gated-MLP adapter + Qwen2 LLM with Mini-Omni's 8-stream vocabulary: the
+architecture, its loss, and the batch keys its forward takes. Building, loading and saving it:
+training/model/build.py."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2ForCausalLM, WhisperFeatureExtractor, WhisperModel
+from transformers import Qwen2ForCausalLM
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from training.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout
-
-OMNI_CONFIG = "omni_config.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-
+from training.speech.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout
 
 class GatedAdapter(nn.Module):
     """SwiGLU-style MLP from (stacked) encoder frames to the LLM width."""
@@ -49,6 +37,14 @@ class OmniConfig:
     adapter_in: int
     adapter_hidden: int
     adapter_out: int
+
+    @classmethod
+    def for_parts(cls, encoder: str, encoder_width: int, text_vocab: int, llm_width: int, frame_stack: int,
+                  adapter_hidden: int | None) -> OmniConfig:
+        """The one place an OmniConfig is made from its parts: the adapter maps frame_stack stacked
+        encoder frames to the LLM width, 4 x that width wide unless given."""
+        return cls(encoder=encoder, text_vocab=text_vocab, frame_stack=frame_stack, adapter_in=encoder_width * frame_stack,
+                   adapter_hidden=adapter_hidden or 4 * llm_width, adapter_out=llm_width)
 
     @property
     def hidden_size(self) -> int:
@@ -167,133 +163,9 @@ class OmniModel(nn.Module):
         return F.linear(hidden, head.weight[start:end], None if head.bias is None else head.bias[start:end])
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading and saving
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "audio_mask", "encoder_states", "encoder_lengths")
 
 
-@contextmanager
-def outside_zero3_init() -> Iterator[None]:
-    """Load whole weights even under a ZeRO-3 launch (no deepspeed.zero.Init): Whisper's weight
-    init computes its sinusoidal positions from the parameter's shape, which is empty once
-    partitioned, and growing the vocabulary reads the pretrained rows. Whisper-small and
-    Qwen2-0.5B fit any host; accelerator.prepare() then shards them across ranks."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def load_encoder(path: str) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
-    """A Whisper encoder and its feature extractor from a checkpoint folder or hub id."""
-    whisper = WhisperModel.from_pretrained(path)
-    encoder = whisper.get_encoder()
-    del whisper.decoder
-    return encoder, WhisperFeatureExtractor.from_pretrained(path)
-
-
-def row_tables(llm: Qwen2ForCausalLM) -> list[torch.Tensor]:
-    """The input embedding and output projection weights, once each (Qwen2-0.5B ties them)."""
-    weights = (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight)
-    return list({id(w): w for w in weights}.values())
-
-
-def grow_vocabulary(llm: Qwen2ForCausalLM, layout: VocabLayout) -> None:
-    """Grow the LLM's embedding and output rows to Mini-Omni's vocabulary. New rows start at the
-    mean of the pretrained rows: a neutral point that keeps the first steps' logits sane."""
-    old = llm.get_input_embeddings().weight.shape[0]
-    if old == layout.total:
-        return
-    if old != layout.text_vocab:
-        raise ValueError(f"LLM has {old} embedding rows; expected {layout.text_vocab} (text) or {layout.total} (grown)")
-    llm.resize_token_embeddings(layout.total, mean_resizing=False)
-    with torch.no_grad():
-        for weight in row_tables(llm):
-            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
-
-
-def build_model(encoder_path: str, llm_path: str, frame_stack: int, adapter_hidden: int | None = None,
-                ) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
-    """The untrained pipeline: pretrained encoder and LLM (grown vocab), fresh adapter."""
-    with outside_zero3_init():
-        encoder, feature_extractor = load_encoder(encoder_path)
-        llm = Qwen2ForCausalLM.from_pretrained(llm_path)
-    tokenizer = AutoTokenizer.from_pretrained(llm_path)
-    text_vocab = llm.config.vocab_size
-    layout = VocabLayout(text_vocab=text_vocab)
-    grow_vocabulary(llm, layout)
-    width = llm.config.hidden_size
-    config = OmniConfig(
-        encoder=str(encoder_path), text_vocab=text_vocab, frame_stack=frame_stack,
-        adapter_in=encoder.config.d_model * frame_stack, adapter_hidden=adapter_hidden or 4 * width, adapter_out=width,
-    )
-    return OmniModel(encoder, llm, config), tokenizer, feature_extractor
-
-
-def save_omni(model: OmniModel, path: Path, tokenizer: PreTrainedTokenizerBase,
-              feature_extractor: WhisperFeatureExtractor, llm_state: dict | None = None,
-              adapter_state: dict | None = None) -> None:
-    """Hugging Face-style export: llm/ (grown vocab) + tokenizer, adapter weights, the encoder's
-    reference and feature extractor, and omni_config.json describing the whole model.
-    llm_state/adapter_state: whole weights gathered from a sharded (ZeRO-3) model."""
-    path.mkdir(parents=True, exist_ok=True)
-    model.llm.save_pretrained(path / "llm", state_dict=llm_state)
-    tokenizer.save_pretrained(path / "llm")
-    feature_extractor.save_pretrained(path)
-    adapter_state = model.adapter.state_dict() if adapter_state is None else adapter_state
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, path / ADAPTER_WEIGHTS)
-    (path / OMNI_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
-
-
-def is_omni_export(path: str | Path) -> bool:
-    return (Path(path) / OMNI_CONFIG).is_file()
-
-
-def load_omni(path: str | Path) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
-    """Reload a stage-final export (model, tokenizer, feature extractor)."""
-    path = Path(path)
-    if not is_omni_export(path):
-        raise FileNotFoundError(f"{path}: not a stage export (no {OMNI_CONFIG})")
-    config = OmniConfig(**json.loads((path / OMNI_CONFIG).read_text()))
-    with outside_zero3_init():
-        encoder, _ = load_encoder(config.encoder)
-        llm = Qwen2ForCausalLM.from_pretrained(path / "llm")
-    model = OmniModel(encoder, llm, config)
-    model.adapter.load_state_dict(load_file(path / ADAPTER_WEIGHTS))
-    return model, AutoTokenizer.from_pretrained(path / "llm"), WhisperFeatureExtractor.from_pretrained(path)
-
-
-def set_trainable(model: OmniModel, modules: Iterable[str], train_text_specials: bool = False) -> None:
-    """requires_grad per module; the encoder is frozen in every stage.
-
-    train_text_specials (with the LLM frozen): the embedding and output rows of the 64 new text
-    specials train too; a gradient mask zeroes every other row's gradient, and with no weight decay
-    on embeddings (see optimizer_groups) Adam leaves those rows bit-identical.
-    """
-    modules = set(modules)
-    model.encoder.requires_grad_(False)
-    model.adapter.requires_grad_("adapter" in modules)
-    model.llm.requires_grad_("llm" in modules)
-    if train_text_specials and "llm" not in modules:
-        layout = model.layout
-        for weight in row_tables(model.llm):
-            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-            mask[layout.text_vocab : layout.text_size] = 1
-            weight.requires_grad_(True)
-            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
-    model.special_rows_only = train_text_specials and "llm" not in modules
-
-
-def parameter_summary(model: OmniModel) -> dict[str, tuple[int, int]]:
-    """module -> (total, trainable) parameter counts (masked rows do not count as trainable)."""
-    out = {}
-    for name in ("encoder", "adapter", "llm"):
-        params = list(getattr(model, name).parameters())
-        out[name] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
-    if getattr(model, "special_rows_only", False):
-        rows = model.layout.text_size - model.layout.text_vocab
-        out["llm"] = (out["llm"][0], sum(rows * w.shape[1] for w in row_tables(model.llm)))
-    return out
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The keys of a collated batch that OmniModel.forward takes."""
+    return {k: batch[k] for k in MODEL_KEYS}

@@ -1,5 +1,5 @@
 """Checkpoints that survive crashes: atomic folders, a `latest` pointer, pruning that never touches
-a stage-final export.
+a stage-final export; and what a resumed stage must share with the run that wrote its checkpoint.
 
 Layout of a run directory:
 
@@ -12,52 +12,19 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from training.common import write_json_atomic, write_text_atomic
+from training.engine.context import StageOrderError
+from training.stages import Recipe, StageSpec
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file, fsync, rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename.
-
-    A crash inside the block leaves only a `.tmp-` folder behind (removed next time), never a
-    half-written `final`.
-    """
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 class StageCheckpoints:
@@ -94,8 +61,7 @@ class StageCheckpoints:
             if final.exists():  # an incomplete leftover (no trainer_state.json); `latest` never named it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            (self.dir / f".{LATEST}.tmp").write_text(name)
-            os.replace(self.dir / f".{LATEST}.tmp", self.dir / LATEST)
+            write_text_atomic(self.dir / LATEST, name)
             self._prune(keep=name)
         accelerator.wait_for_everyone()
         return final
@@ -104,6 +70,16 @@ class StageCheckpoints:
         accelerator.load_state(str(path))
         return json.loads((path / TRAINER_STATE).read_text())
 
+    def resume(self, accelerator, path: Path, fingerprint: dict[str, Any], mode: str, stage: str) -> dict[str, Any]:
+        """Load checkpoint `path` if the run may resume from it: --resume auto and the same recipe."""
+        if mode == "never":
+            raise StageOrderError(f"[{stage}] {self.dir.parent} already holds checkpoints and --resume never was given; "
+                                  f"use a new --output-dir or --resume auto")
+        diffs = changed_fields(json.loads((path / TRAINER_STATE).read_text())["recipe"], fingerprint)
+        if diffs:
+            raise StageOrderError(f"[{stage}] refusing to resume from {path}: the recipe changed:\n  " + "\n  ".join(diffs))
+        return self.load(accelerator, path)
+
     def _prune(self, keep: str) -> None:
         complete = sorted(p for p in self.dir.glob("step-*") if (p / TRAINER_STATE).is_file())
         for path in complete[: max(0, len(complete) - self.keep_last)]:
@@ -111,3 +87,22 @@ class StageCheckpoints:
                 shutil.rmtree(path)
         for stale in self.dir.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
+    """The fields a resumed stage must share with the run that wrote the checkpoint."""
+    fields = recipe.to_dict()
+    fields.pop("stages")
+    fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))
+    return fields
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -3,7 +3,7 @@
 Reads only ``<output>/run_record.json`` and ``<output>/<stage>/metrics.jsonl``, so it can be
 called at any stage end, at the end of ``--stage all``, or later from the command line:
 
-    python -m training.report --output-dir runs/demo --recipe demo
+    python -m training.evaluation.report --output-dir runs/demo --recipe demo
 
 Writes (each atomically: a crash leaves the previous report or the new one, never half of one):
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from training.checkpoint import atomic_dir, read_json
-from training.stages import STAGE_NAMES, Recipe, RecipeError, load_recipe
+from training.common import RECORD, atomic_dir, read_json, write_text_atomic
+from training.recipe_file import load_recipe
+from training.stages import STAGE_NAMES, Recipe, RecipeError
 
 REPORT_MD = "report.md"
 REPORT_DIR = "report"
-RECORD = "run_record.json"  # the same name training.loop writes; not imported to keep torch out
 BOUNDARIES: tuple[str, ...] = ("before", *STAGE_NAMES)
 PLOTS = {"loss": "loss.png", "lr": "lr.png", "wer": "wer.png"}
 SERIES_JSON = "series.json"
@@ -282,7 +281,7 @@ def wer_detail(record: dict[str, Any], splits: list[str]) -> list[str]:
 def render_markdown(recipe: Recipe, record: dict[str, Any], splits: list[str], series: list[StageSeries]) -> str:
     lines = [f"# Run report: recipe `{recipe.name}`", "",
              (f"Stages run: {', '.join(s.stage for s in series) or 'none yet'}. Regenerate with "
-              f"`python -m training.report --output-dir <run dir> --recipe {recipe.name}`."), "",
+              f"`python -m training.evaluation.report --output-dir <run dir> --recipe {recipe.name}`."), "",
              "## Stage table as run", "", *stage_table(recipe, record), "",
              "## Results per stage boundary", "", *results_table(record, splits, series), "",
              *wer_detail(record, splits), "", *qa_table(record),
@@ -307,15 +306,6 @@ def series_json(series: list[StageSeries], points: dict[str, list[tuple[str, flo
     }
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(output_dir: Path, recipe: Recipe) -> Path:
     """Write ``<output_dir>/report.md`` and its plots from the run's files; return the report path.
 
@@ -335,7 +325,7 @@ def write_report(output_dir: Path, recipe: Recipe) -> Path:
         plot_wer(points, tmp / PLOTS["wer"])
         (tmp / SERIES_JSON).write_text(json.dumps(series_json(series, points), indent=1))
     report = output_dir / REPORT_MD
-    _write_text_atomic(report, render_markdown(recipe, record, splits, series))
+    write_text_atomic(report, render_markdown(recipe, record, splits, series))
     return report
 
 

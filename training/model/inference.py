@@ -1,7 +1,7 @@
 """Inference: greedy decoding of the text stream and the 7 SNAC audio streams in parallel.
 
 `generate` runs the model's own step (8-stream embedding mean, Qwen2 with a KV cache) on a
-left-padded batch of prompts built by training.layout, for any of the five tasks:
+left-padded batch of prompts built by training.speech.layout, for any of the five tasks:
 
   text out   asr, a1t2, t1t2   the text stream decodes; every audio stream is fed pad_a
   speech out a1a2, t1a2        text and the 7 audio layers decode together
@@ -21,7 +21,7 @@ Decoding stops when every row is finished or after max_new_tokens steps.
 `speak` answers one question (a waveform, a WAV path or text) and writes the answer speech,
 decoded by the SNAC codec, to a 24 kHz 16-bit WAV. The module is also a small CLI:
 
-    python -m training.inference --model runs/demo/final/final --task a1a2 --audio q.wav --out answer.wav
+    python -m training.model.inference --model runs/demo/final/final --task a1a2 --audio q.wav --out answer.wav
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from training.audio import decode_audio, resample, wav_bytes
-from training.layout import (LAYOUT_TASKS, N_AUDIO_LAYERS, SPEECH_IN_TASKS, SPEECH_TASKS, TEXT_ROW, VocabLayout,
+from training.stages import TASKS
+from training.speech.audio import decode_audio, resample, wav_bytes
+from training.speech.layout import (N_AUDIO_LAYERS, SPEECH_IN_TASKS, SPEECH_TASKS, TEXT_ROW, VocabLayout,
                              a1a2_prompt, a1t2_prompt, asr_prompt, n_adapter_frames, n_encoder_frames,
                              pad_token_column, strip_text_answer, t1a2_prompt, t1t2_prompt, undelay_audio)
 
@@ -61,8 +62,8 @@ class Generated:
 
 
 def _check_task(task: str) -> None:
-    if task not in LAYOUT_TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {LAYOUT_TASKS}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 def build_prompts(layout: VocabLayout, task: str, n_audio: Sequence[int] | None = None,
@@ -270,7 +271,7 @@ def speak(model: Any, tokenizer: Any, codec: Any, *, audio: Any = None, text: st
     write nothing and return 0 frames. feature_extractor defaults to the one saved with the
     model's encoder; stop_ids to the tokenizer's end-of-text token.
     """
-    from training.codec import SAMPLING_RATE, decode_codes  # imports snac: only speech output needs it
+    from training.speech.codec import SAMPLING_RATE, decode_codes  # imports snac: only speech output needs it
 
     _check_task(task)
     speech_in = task in SPEECH_IN_TASKS
@@ -308,7 +309,7 @@ def speak(model: Any, tokenizer: Any, codec: Any, *, audio: Any = None, text: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Answer one spoken or written question with a stage export.")
     parser.add_argument("--model", required=True, help="a stage export folder (e.g. runs/demo/final/final)")
-    parser.add_argument("--task", required=True, choices=LAYOUT_TASKS)
+    parser.add_argument("--task", required=True, choices=TASKS)
     question = parser.add_mutually_exclusive_group(required=True)
     question.add_argument("--audio", help="the spoken question (WAV/FLAC/OGG), for asr, a1t2, a1a2")
     question.add_argument("--text", help="the written question, for t1t2, t1a2")
@@ -322,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.task in SPEECH_TASKS and not args.out:
         parser.error(f"--task {args.task} answers with speech: pass --out answer.wav")
 
-    from training.codec import SAMPLING_RATE, load_codec
+    from training.speech.codec import SAMPLING_RATE, load_codec
     from training.model import load_omni
-    from training.snac_codes import samples_per_frame
+    from training.speech.snac_codes import samples_per_frame
 
     model, tokenizer, feature_extractor = load_omni(args.model)
     model.to(args.device).eval()

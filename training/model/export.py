@@ -1,9 +1,9 @@
 """Export a stage-final model (a `save_omni` folder) for Mini-Omni's inference code, or as a plain
 Hugging Face folder; and read a Mini-Omni export back.
 
-    python -m training.export --from runs/demo/final/final --to out/mini-omni --format mini-omni
-    python -m training.export --from runs/demo/final/final --to out/hf --format hf
-    python -m training.export --from out/mini-omni --to out/back --format omni   # the way back
+    python -m training.model.export --from runs/demo/final/final --to out/mini-omni --format mini-omni
+    python -m training.model.export --from runs/demo/final/final --to out/hf --format hf
+    python -m training.model.export --from out/mini-omni --to out/back --format omni   # the way back
 
 `--format mini-omni` writes what Mini-Omni's `inference.py` loads (`Config.from_file(ckpt_dir +
 "/model_config.yaml")`, `GPT(config)`, `load_state_dict(lazy_load(ckpt_dir + "/lit_model.pth"),
@@ -67,10 +67,10 @@ import torch
 import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, WhisperFeatureExtractor
 
-if __package__ in (None, ""):  # `python training/export.py` as well as `python -m training.export`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python training/model/export.py` as well as `python -m training.model.export`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from training.layout import N_AUDIO_LAYERS, VocabLayout  # noqa: E402
+from training.speech.layout import N_AUDIO_LAYERS, VocabLayout  # noqa: E402
 from training.model import (ADAPTER_WEIGHTS, OMNI_CONFIG, OmniConfig, OmniModel, is_omni_export,  # noqa: E402
                             load_encoder, load_omni, outside_zero3_init)
 

@@ -1,0 +1,17 @@
+"""The stage engine: one stage of the recipe under Accelerate, from its inputs to its export.
+
+  context.py      what all stages of a run share (RunContext, the run record), the early endings
+  launch.py       the Accelerator built from the recipe; launch/recipe checks
+  sources.py      where data and pretrained parts come from (the one place the demo is reached)
+  weights.py      where a stage's weights start
+  prepare.py      row checks and the feature cache before a stage (--validate-data, --prepare)
+  loaders.py      the stage's loaders and score floors
+  step.py         one optimizer step: global-token loss, non-finite skip, StepStats
+  guards.py       stop signals, non-finite patience, early stopping
+  checkpoints.py  atomic step checkpoints, `latest`, resume fingerprints
+  boundary.py     export, held-out scores, record, WER gate, report at the stage's end
+  stage.py        StageRun: setup / train / finish
+
+May import every package below it (data, model, evaluation, speech, stages, common); only
+sources.py imports the demo.
+"""

@@ -1,0 +1,145 @@
+"""The stage boundary: the export (written first: a crash in evaluation must not lose the weights),
+the held-out scores (WER, answer and audio-token accuracy, loss), the run record, the WER gate, and
+the run report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from accelerate import Accelerator
+
+from training.common import atomic_dir
+from training.engine.context import RunContext, WerGateFailed
+from training.engine.loaders import StageLoaders
+from training.evaluation.report import write_report
+from training.evaluation.scores import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
+from training.model import save_omni
+from training.stages import STAGE_NAMES
+
+if TYPE_CHECKING:
+    from training.engine.stage import StageRun
+
+
+class StageEvaluation:
+    """The held-out scores of a (prepared) model on a stage's evaluation loaders."""
+
+    def __init__(self, ctx: RunContext, model: Any, tokenizer: Any, loaders: StageLoaders, log) -> None:
+        self.acc: Accelerator = ctx.accelerator
+        self.recipe, self.model, self.tokenizer, self.loaders, self.log = ctx.recipe, model, tokenizer, loaders, log
+
+    def heldout_loss(self, split: str | None = None) -> float:
+        return heldout_loss(self.acc, self.model, self.loaders.evals[split or self.recipe.data.heldout_split])
+
+    def wer(self) -> dict[str, Any]:
+        out = {}
+        for split, loader in self.loaders.evals.items():
+            scores, pairs = evaluate_wer(self.acc, self.model, loader, self.tokenizer, self.recipe.max_new_tokens)
+            out[split] = scores
+            for ref, hyp in pairs[:2]:
+                self.log(f"[{split}] ref: {ref}")
+                self.log(f"[{split}] hyp: {hyp}")
+        return out
+
+    def qa(self) -> dict[str, Any]:
+        """Held-out spoken questions: A1T2 answer accuracy and, with answer speech, the audio
+        layers' teacher-forced code accuracy and CE (chance: 1/4096)."""
+        out, qa = {}, self.loaders.qa
+        if "answer" in qa:
+            scores, pairs = answer_accuracy(self.acc, self.model, qa["answer"], self.tokenizer, self.recipe.max_new_tokens)
+            out["answer"] = scores
+            if self.loaders.majority_answer_accuracy is not None:
+                out["answer"]["majority"] = self.loaders.majority_answer_accuracy
+            for ref, hyp in pairs[:2]:
+                self.log(f"[answer] ref: {ref}  hyp: {hyp}")
+        if "speech" in qa:
+            out["audio_tokens"] = audio_token_scores(self.acc, self.model, qa["speech"])
+            out["audio_tokens"]["majority"] = self.loaders.majority_code_accuracy
+        return out
+
+    def before_training(self) -> dict[str, Any]:
+        """The untrained pipeline's scores (the "before" row of the run record)."""
+        return {"complete": True, "heldout_loss": self.heldout_loss(), "wer": self.wer(), **self.qa()}
+
+
+def export_stage(run: StageRun) -> Path:
+    """Stage-final weights in Hugging Face form, written atomically."""
+    acc = run.ctx.accelerator
+    final_dir = run.dir / "final"
+    state_dict = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards: every process takes part
+    if acc.is_main_process:
+        part = lambda prefix: {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
+        with atomic_dir(final_dir) as tmp:
+            save_omni(acc.unwrap_model(run.model), tmp, run.tokenizer, run.feature_extractor,
+                      llm_state=part("llm."), adapter_state=part("adapter."))
+    acc.wait_for_everyone()
+    return final_dir
+
+
+def finish_stage(run: StageRun) -> dict[str, Any]:
+    """Export first, then the held-out scores, the record, the report and the gate."""
+    recipe, spec, state = run.ctx.recipe, run.spec, run.state
+    final_dir = export_stage(run)
+    run.save_checkpoint()
+    tail = state["losses"][-recipe.log_every:]
+    wer = run.evaluation.wer()
+    result = {
+        "complete": True, "steps": state["step"], "stop_reason": run.stop_reason,
+        "final_train_loss": sum(tail) / max(1, len(tail)), "heldout_loss": run.evaluation.heldout_loss(), "wer": wer,
+        **run.evaluation.qa(),
+        "seconds": round(run.elapsed(), 1), "export": str(final_dir), "tokens": state.get("tokens", 0),
+        "skipped_steps": state["skipped_steps"], "skipped_rows": dict(run.ctx.skipped_rows),
+    }
+    run.ctx.update_record(run.stage, result)
+    write_run_report(run.ctx)
+    log_boundary(run, result)
+    heldout = wer[recipe.data.heldout_split]["wer"]
+    if spec.max_wer is not None and heldout > spec.max_wer:
+        raise WerGateFailed(
+            f"[{run.stage}] {recipe.data.heldout_split} WER {heldout:.3f} is above the stage's gate {spec.max_wer:.3f}; "
+            f"stopping here (the checkpoint and export in {run.dir} are kept)"
+        )
+    return result
+
+
+def log_boundary(run: StageRun, result: dict[str, Any]) -> None:
+    """The boundary's scores to the trackers and the log."""
+    wer, stage = result["wer"], run.stage
+    boundary = {f"{stage}/eval/wer_{split}": v["wer"] for split, v in wer.items()}
+    if "answer" in result:
+        boundary[f"{stage}/eval/answer_accuracy"] = result["answer"]["accuracy"]
+    if "audio_tokens" in result:
+        boundary[f"{stage}/eval/audio_token_accuracy"] = result["audio_tokens"]["accuracy"]
+        boundary[f"{stage}/eval/audio_token_ce"] = result["audio_tokens"]["ce"]
+    run.ctx.accelerator.log(boundary | {f"{stage}/eval/heldout_loss": result["heldout_loss"]}, step=run.state["step"])
+    run.log("done: " + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items())
+            + (f", answer accuracy {result['answer']['accuracy']:.3f}" if "answer" in result else "")
+            + (f", audio-token accuracy {result['audio_tokens']['accuracy']:.3f}" if "audio_tokens" in result else ""))
+
+
+def write_run_report(ctx: RunContext) -> None:
+    """report.md + plots in the run directory (main process). A failure here never costs the run."""
+    if not ctx.accelerator.is_main_process:
+        return
+    try:
+        ctx.log(f"report: {write_report(ctx.output_dir, ctx.recipe)}")
+    except Exception as err:  # noqa: BLE001 - the weights and record are already safe on disk
+        ctx.log(f"warning: could not write the run report: {type(err).__name__}: {err}")
+
+
+def format_wer_table(record: dict[str, Any], splits: list[str]) -> str:
+    """WER per split, and (with QA data) answer accuracy and audio-token accuracy, per boundary."""
+    entries = [(key, record["stages"][key]) for key in ("before", *STAGE_NAMES) if record["stages"].get(key)]
+    qa = any("answer" in e for _, e in entries)
+    header = f"{'after':<8}" + "".join(f"{s + ' WER':>14}" for s in splits)
+    if qa:
+        header += f"{'answer acc':>12}{'audio acc':>11}"
+    rows = [header + f"{'steps':>8}{'seconds':>9}"]
+    percent = lambda value, width: f"{value * 100:>{width - 1}.1f}%"  # noqa: E731
+    for key, entry in entries:
+        cells = "".join(percent(entry["wer"][s]["wer"], 14) if s in entry["wer"] else f"{'-':>14}" for s in splits)
+        if qa:
+            cells += percent(entry["answer"]["accuracy"], 12) if "answer" in entry else f"{'-':>12}"
+            cells += percent(entry["audio_tokens"]["accuracy"], 11) if "audio_tokens" in entry else f"{'-':>11}"
+        rows.append(f"{key:<8}{cells}{entry.get('steps', 0):>8}{entry.get('seconds', 0):>9.0f}")
+    return "\n".join(rows)

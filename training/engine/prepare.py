@@ -1,0 +1,87 @@
+"""Before a stage trains: every split checked (a sample, or all rows for --validate-data) and encoded
+into the feature cache (once for the whole run; --prepare does only that)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from training.data.checks import DataError, ValidationReport, asr_row_check, qa_row_check, validate_split
+from training.data.features import FeatureEncoder, prepare_qa_split, prepare_split
+from training.engine.context import RunContext
+from training.engine.sources import dataset_name, load_data_and_pretrained, qa_dataset_name
+from training.engine.weights import PRETRAINED, encoder_key, make_model
+from training.model import OmniModel
+
+
+def validate_splits(ctx: RunContext, feature_extractor, max_rows: int | None) -> dict[str, ValidationReport]:
+    """Check rows of every split before any encoding (all rows, or max_rows spread over each).
+    Bad rows stop the run naming them, unless the data spec says to skip them."""
+    spec, sr, window = ctx.recipe.data, feature_extractor.sampling_rate, feature_extractor.n_samples
+    reports = {}
+    checks = [(f"dataset '{dataset_name(ctx)}', split '{s}'", ds, asr_row_check(spec, sr, window))
+              for s, ds in ctx.splits.items()]
+    checks += [(f"dataset '{qa_dataset_name(ctx)}', split '{s}'", ds, qa_row_check(spec, sr, window))
+               for s, ds in ctx.qa_splits.items()]
+    for where, ds, check in checks:
+        report = validate_split(ds, where, check, max_rows)
+        ctx.log(report.summary(sr))
+        if report.bad and not spec.skip_bad_rows:
+            shown = "\n  ".join(report.bad[:10])
+            raise DataError(f"{len(report.bad)} bad rows in {report.where} (of {report.checked:,} checked):\n  "
+                            f"{shown}\nFix them, or pass --skip-bad-rows to leave them out (they are counted)")
+        reports[where] = report
+    return reports
+
+
+def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
+    """Every split's cached features: ASR splits by name, QA splits as "qa:<name>"."""
+    encoder = FeatureEncoder(feature_extractor, tokenizer, encode=model.encode, encoder_key=encoder_key(model),
+                             n_mel_frames=model.n_mel_frames, cache_dir=ctx.cache_dir / "features")
+    jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items()]
+    jobs += [(f"qa:{split}", ds, qa_dataset_name(ctx), prepare_qa_split) for split, ds in ctx.qa_splits.items()]
+    out = {}
+    with ctx.accelerator.main_process_first():
+        for name, ds, source, prepare in jobs:
+            split = name.removeprefix("qa:")
+            out[name] = prepare(ds, f"dataset '{source}', split '{split}'", ctx.recipe.data, encoder)
+            if len(out[name]) < len(ds):
+                ctx.skipped_rows[name] = len(ds) - len(out[name])
+                ctx.log(f"split '{name}': left out {ctx.skipped_rows[name]} bad rows of {len(ds):,} (--skip-bad-rows)")
+    return out
+
+
+def validate_only(ctx: RunContext) -> int:
+    """--validate-data: every row of every split, then exit (0 clean or skipping, 2 bad rows)."""
+    from transformers import WhisperFeatureExtractor
+
+    try:
+        load_data_and_pretrained(ctx)
+        source = ctx.init_from if ctx.init_from is not None else ctx.pretrained[0]
+        reports = validate_splits(ctx, WhisperFeatureExtractor.from_pretrained(source), max_rows=None)
+    except DataError as err:
+        ctx.log(f"error: {err}")
+        return 2
+    bad = sum(len(r.bad) for r in reports.values())
+    for report in reports.values():
+        for message in report.bad[:20]:
+            ctx.log(f"  skipped: {message}")
+    ctx.log(f"data valid: {sum(r.checked for r in reports.values()):,} rows checked"
+            + (f", {bad} bad rows would be left out (--skip-bad-rows)" if bad else ", no bad rows"))
+    return 0
+
+
+def prepare_only(ctx: RunContext) -> int:
+    """--prepare: check a sample of every split, encode all of them into the feature cache and exit
+    (0, or 2 on bad data). The frozen encoder and the tokenizer are the same in all three stages,
+    so one preparation serves the whole run; the stages then load the cache and encode nothing."""
+    try:
+        load_data_and_pretrained(ctx)
+        model, tokenizer, feature_extractor = make_model(ctx, str(ctx.init_from) if ctx.init_from else PRETRAINED)
+        validate_splits(ctx, feature_extractor, ctx.recipe.data.validate_rows)
+        prepared = prepared_splits(ctx, model, feature_extractor, tokenizer)
+    except DataError as err:
+        ctx.log(f"error: {err}")
+        return 2
+    ctx.log("prepared: " + ", ".join(f"{name} {len(ds):,} rows" for name, ds in prepared.items())
+            + f"; features cached in {ctx.cache_dir / 'features'}")
+    return 0

@@ -1,0 +1,184 @@
+"""One stage under Accelerate, torchtune-style: ``setup()`` builds everything and resumes,
+``train()`` runs the loop, ``finish()`` exports, evaluates and records. ``run()`` does all three."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from training.engine.boundary import StageEvaluation, finish_stage
+from training.engine.checkpoints import StageCheckpoints, recipe_fingerprint
+from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext
+from training.engine.guards import StopSignals, early_stopping, skipped_step
+from training.engine.launch import check_launch
+from training.engine.loaders import stage_loaders
+from training.engine.progress import StepProgress
+from training.engine.prepare import prepared_splits, validate_splits
+from training.engine.step import StepStats, forward_backward
+from training.engine.weights import PRETRAINED, initial_weights, make_model
+from training.model import is_omni_export, optimizer_groups, parameter_summary, set_trainable
+from training.stages import lr_at
+
+
+class StageRun:
+    def __init__(self, ctx: RunContext, stage: str) -> None:
+        self.ctx, self.stage = ctx, stage
+        self.spec = ctx.stage_spec(stage)
+        self.dir = ctx.stage_dir(stage)
+        self.checkpoints = StageCheckpoints(self.dir, ctx.recipe.keep_last)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.stop_reason = "max_steps"
+
+    def log(self, message: str) -> None:
+        self.ctx.log(f"[{self.stage}] {message}")
+
+    def completed(self) -> dict[str, Any] | None:
+        done = self.ctx.record()["stages"].get(self.stage)
+        return done if done and done.get("complete") and is_omni_export(self.dir / "final") else None
+
+    def run(self) -> dict[str, Any]:
+        done = self.completed()
+        if done:
+            self.log(f"already complete (export at {self.dir / 'final'}); skipping")
+            return done
+        self.setup()
+        self.train()
+        return self.finish()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ctx, recipe, spec, acc = self.ctx, self.ctx.recipe, self.spec, self.ctx.accelerator
+        self.started = time.time()
+        self.source = initial_weights(ctx, self.stage)
+        check_launch(acc, recipe)
+        set_seed(recipe.seed)
+        model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
+        set_trainable(model, spec.trainable, spec.train_text_specials)
+        for module, (total, trainable) in parameter_summary(model).items():
+            self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
+        validate_splits(ctx, self.feature_extractor, recipe.data.validate_rows)  # a sample of big splits
+        prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
+        loaders = stage_loaders(recipe, spec, prepared, model.layout, self.log)
+        self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
+        # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)
+        optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0),
+                                      betas=recipe.adam_betas, fused=True)
+        self.model, self.optimizer, self.train_dl = acc.prepare(model, optimizer, loaders.train)
+        loaders.evals = {s: acc.prepare(dl) for s, dl in loaders.evals.items()}
+        loaders.qa = {s: acc.prepare(dl) for s, dl in loaders.qa.items()}
+        self.evaluation = StageEvaluation(ctx, self.model, self.tokenizer, loaders, self.log)
+        if self.source == PRETRAINED and "before" not in ctx.record()["stages"]:
+            self.log("evaluating the untrained pipeline")
+            ctx.update_record("before", self.evaluation.before_training())
+        self.fingerprint = recipe_fingerprint(recipe, spec)
+        self.state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_eval": math.inf, "evals_since_best": 0,
+                      "seconds": 0.0, "losses": [], "skipped_steps": 0, "nonfinite_in_a_row": 0,
+                      "recipe": self.fingerprint}
+        self.resume()
+
+    def resume(self) -> None:
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.state = self.checkpoints.resume(self.ctx.accelerator, latest, self.fingerprint, self.ctx.resume,
+                                                 self.stage)
+            self.log(f"resumed from {latest} at step {self.state['step']}")
+
+    # -- train ---------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.state["seconds"] + time.time() - self.started
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.ctx.accelerator, self.state["step"], {**self.state, "seconds": self.elapsed()})
+
+    def next_batch(self) -> dict[str, Any]:
+        batch = next(self.batches, None)
+        if batch is None:  # epoch boundary: a fresh length-grouped order
+            self.state["epoch"] += 1
+            self.state["batches_in_epoch"] = 0
+            self.train_dl.set_epoch(self.state["epoch"])
+            self.batches = iter(self.train_dl)
+            batch = next(self.batches)
+        self.state["batches_in_epoch"] += 1
+        return batch
+
+    def accumulate_step(self) -> StepStats | None:
+        """Forward/backward over the step's micro-batches; None when the step is skipped (non-finite)."""
+        return forward_backward(self.ctx.accelerator, self.model, self.next_batch, self.ctx.recipe.grad_accum,
+                                f"[{self.stage}]", self.state["step"] + 1)
+
+    def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            self.batches = None  # let the loader's worker go now: a live iterator can hold the exit
+
+    def _train(self) -> None:
+        spec, acc, state = self.spec, self.ctx.accelerator, self.state
+        progress = StepProgress(acc, self.stage, self.metrics_path, self.log, self.ctx.recipe.log_every, spec.max_steps)
+        bar = progress.start(state["step"])  # a progress bar where someone watches; log lines always
+        self.log(f"training steps {state['step']}..{spec.max_steps} (min {spec.min_steps}), "
+                 f"LR {spec.lr_init:g} -> {spec.lr_peak:g}, trains {'+'.join(spec.trainable)}")
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.train_dl.set_epoch(state["epoch"])
+        skip = state["batches_in_epoch"]
+        self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+        with StopSignals() as signals, bar:
+            while state["step"] < spec.max_steps:
+                metrics = self._optimizer_step()
+                if metrics is None:
+                    skipped_step(self, signals)
+                    continue
+                state["step"] += 1
+                state["tokens"] = state.get("tokens", 0) + int(metrics["tokens"])
+                state["losses"].append(metrics["loss"])
+                progress.step_done(state["step"], metrics)
+                if state["step"] % spec.eval_every == 0 and early_stopping(self):
+                    break
+                if state["step"] % self.ctx.recipe.save_every == 0:
+                    self.save_checkpoint()
+                if signals.requested:
+                    self.save_checkpoint()
+                    self.log(f"{signals.requested}: checkpoint saved at step {state['step']}; "
+                             f"exiting with {REQUEUE_EXIT_CODE} (rerun the same command to resume)")
+                    raise Preempted(signals.requested)
+        self.log(f"stopped at step {state['step']} ({self.stop_reason})")
+
+    def _optimizer_step(self) -> dict[str, float] | None:
+        """One optimizer step at the schedule's LR; its metrics, or None if it was skipped."""
+        recipe, acc, state, model = self.ctx.recipe, self.ctx.accelerator, self.state, self.model
+        step_clock = time.time()
+        lr = lr_at(self.spec, state["step"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = self.accumulate_step()
+        grad_norm = None
+        if stats is not None:
+            if recipe.max_grad_norm > 0:  # DeepSpeed clips inside its step (the value is the recipe's)
+                grad_norm = acc.clip_grad_norm_(self.trainable, recipe.max_grad_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        if stats is None:
+            return None
+        state["nonfinite_in_a_row"] = 0
+        metrics = stats.reduced(acc).metrics(acc.num_processes)
+        if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed engine
+            grad_norm = model.get_global_grad_norm()
+        metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / max(time.time() - step_clock, 1e-9)}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    # -- finish --------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        return finish_stage(self)
+
+
+def run_stage(ctx: RunContext, stage: str) -> dict[str, Any]:
+    return StageRun(ctx, stage).run()
