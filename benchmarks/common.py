@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,11 +46,17 @@ def quick_recipe_dict() -> dict[str, Any]:
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="the tests' quick recipe and cache (~/.cache/omni-stage-tests); default: the demo recipe")
-    p.add_argument("--cache-dir", type=Path,
-                   help="corpus, stand-ins and feature cache (default: OMNI_STAGE_TEST_CACHE or ~/.cache/omni-stage-tests "
-                        "with --quick, else OMNI_STAGE_CACHE or ~/.cache/omni-stage)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the tests' quick recipe and cache (~/.cache/omni-stage-tests); default: the demo recipe",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="corpus, stand-ins and feature cache (default: OMNI_STAGE_TEST_CACHE or ~/.cache/omni-stage-tests "
+        "with --quick, else OMNI_STAGE_CACHE or ~/.cache/omni-stage)",
+    )
     p.add_argument("--json", type=Path, help="also append the JSON line to this file")
     return p
 
@@ -100,7 +107,9 @@ def untrained_export(ctx) -> Path:
     where = ctx.cache_dir / "benchmarks" / f"untrained-{key.hexdigest()[:12]}"
     if not (where / "omni_config.json").is_file():
         torch.manual_seed(0)
-        model, tokenizer, feature_extractor = build_model(*ctx.pretrained, ctx.recipe.frame_stack, ctx.recipe.adapter_hidden)
+        model, tokenizer, feature_extractor = build_model(
+            *ctx.pretrained, ctx.recipe.frame_stack, ctx.recipe.adapter_hidden
+        )
         tmp = where.with_name(f".tmp-{where.name}-{os.getpid()}")
         save_omni(model, tmp, tokenizer, feature_extractor)
         tmp.rename(where)
@@ -131,9 +140,14 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def median(values: Sequence[float]) -> float:
@@ -146,8 +160,9 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in header]] + [[c if isinstance(c, str) else f"{c:,.4g}" if isinstance(c, float) else str(c)
-                                           for c in row] for row in rows]
+    cells = [[str(c) for c in header]] + [
+        [c if isinstance(c, str) else f"{c:,.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -156,8 +171,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def emit(name: str, figures: dict[str, Any], args: argparse.Namespace, started: float) -> None:
     """Print the JSON line (and append it to --json)."""
-    record = {"benchmark": name, "quick": bool(args.quick), **figures, "machine": machine(),
-              "wall_seconds": round(time.time() - started, 1)}
+    record = {
+        "benchmark": name,
+        "quick": bool(args.quick),
+        **figures,
+        "machine": machine(),
+        "wall_seconds": round(time.time() - started, 1),
+    }
     line = json.dumps(record)
     print(line, flush=True)
     if args.json:

@@ -60,15 +60,20 @@ def main() -> None:
     started = time.time()
 
     never = 10**9
-    ctx = common.context(args, {"save_every": never, "stages": {args.stage: {"eval_every": never}}},
-                         Path(tempfile.mkdtemp(prefix="omni-bench-data-")))
+    ctx = common.context(
+        args,
+        {"save_every": never, "stages": {args.stage: {"eval_every": never}}},
+        Path(tempfile.mkdtemp(prefix="omni-bench-data-")),
+    )
     ctx.init_from = common.untrained_export(ctx)
     run = StageRun(ctx, args.stage)
     run.setup()
     recipe = ctx.recipe
     train, layout = run.train_dl.dataset, ctx.accelerator.unwrap_model(run.model).layout
-    loaders = {n: data_lib.train_loader(train, layout, recipe.frame_stack, recipe.batch_size, recipe.seed, n)
-               for n in dict.fromkeys([recipe.num_workers, 0])}
+    loaders = {
+        n: data_lib.train_loader(train, layout, recipe.frame_stack, recipe.batch_size, recipe.seed, n)
+        for n in dict.fromkeys([recipe.num_workers, 0])
+    }
     clock = StepClock(run)
     run.accumulate_step = clock
 
@@ -98,19 +103,37 @@ def main() -> None:
     rates = {n: common.median(v) for n, v in supply.items()}
     ratios = {n: common.median(v) for n, v in round_ratios.items()}
     ratio = ratios[recipe.num_workers]
-    print(f"\ndata throughput, recipe '{recipe.name}', batch {recipe.batch_size}, stage '{args.stage}' "
-          f"(trains {'+'.join(run.spec.trainable)}), {args.rounds} rounds")
-    rows = [[f"train_loader, num_workers={n}{' (recipe)' if n == recipe.num_workers else ''}", rate, ratios[n]]
-            for n, rate in rates.items()]
+    print(
+        f"\ndata throughput, recipe '{recipe.name}', batch {recipe.batch_size}, stage '{args.stage}' "
+        f"(trains {'+'.join(run.spec.trainable)}), {args.rounds} rounds"
+    )
+    rows = [
+        [f"train_loader, num_workers={n}{' (recipe)' if n == recipe.num_workers else ''}", rate, ratios[n]]
+        for n, rate in rates.items()
+    ]
     rows.append([f"training step ({step_s:.3f} s/step, median)", demand, 1.0])
     print(common.table(["side", "median samples/s", "x step (median of rounds)"], rows))
     print(f"supply / demand: {ratio:.1f}x (target >= {TARGET:g}x: {'met' if ratio >= TARGET else 'MISSED'})")
-    common.emit("data_throughput", {
-        "recipe": recipe.name, "stage": args.stage, "batch_size": recipe.batch_size, "num_workers": recipe.num_workers,
-        "loader_samples_per_s": {str(n): v for n, v in supply.items()}, "step_s": steps,
-        "loader_median": {str(n): v for n, v in rates.items()}, "step_median_s": step_s, "step_samples_per_s": demand,
-        "round_ratios": {str(n): v for n, v in round_ratios.items()}, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
-    }, args, started)
+    common.emit(
+        "data_throughput",
+        {
+            "recipe": recipe.name,
+            "stage": args.stage,
+            "batch_size": recipe.batch_size,
+            "num_workers": recipe.num_workers,
+            "loader_samples_per_s": {str(n): v for n, v in supply.items()},
+            "step_s": steps,
+            "loader_median": {str(n): v for n, v in rates.items()},
+            "step_median_s": step_s,
+            "step_samples_per_s": demand,
+            "round_ratios": {str(n): v for n, v in round_ratios.items()},
+            "ratio": ratio,
+            "target": TARGET,
+            "met": ratio >= TARGET,
+        },
+        args,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -82,23 +82,49 @@ def main() -> None:
     words = [len(t.split()) for t in single]
     speedup = common.median(ratios)
     n = len(utterances)
-    print(f"\nevaluation decoding, recipe '{recipe.name}', model {source}, {n} utterances ({'+'.join(names)}), "
-          f"max_new_tokens {recipe.max_new_tokens}, {len(batches)} batches x {args.rounds} rounds, alternating per batch")
-    print(common.table(["decoding", "batch", "median s per batch of utterances", "total s"],
-                       [[name, recipe.eval_batch_size if name == "batched" else 1, common.median(v), sum(v)]
-                        for name, v in seconds.items()]))
-    print(f"transcripts: mean {sum(words) / n:.1f} words, {words.count(0)} of {n} empty (a batch decodes until its "
-          f"longest row stops, at most {recipe.max_new_tokens} tokens)")
-    print(f"speed-up batched vs one at a time: {speedup:.2f}x (median over batches; totals "
-          f"{sum(seconds['one at a time']) / sum(seconds['batched']):.2f}x); identical transcripts: {n - len(differing)}/{n}")
+    print(
+        f"\nevaluation decoding, recipe '{recipe.name}', model {source}, {n} utterances ({'+'.join(names)}), "
+        f"max_new_tokens {recipe.max_new_tokens}, {len(batches)} batches x {args.rounds} rounds, alternating per batch"
+    )
+    print(
+        common.table(
+            ["decoding", "batch", "median s per batch of utterances", "total s"],
+            [
+                [name, recipe.eval_batch_size if name == "batched" else 1, common.median(v), sum(v)]
+                for name, v in seconds.items()
+            ],
+        )
+    )
+    print(
+        f"transcripts: mean {sum(words) / n:.1f} words, {words.count(0)} of {n} empty (a batch decodes until its "
+        f"longest row stops, at most {recipe.max_new_tokens} tokens)"
+    )
+    print(
+        f"speed-up batched vs one at a time: {speedup:.2f}x (median over batches; totals "
+        f"{sum(seconds['one at a time']) / sum(seconds['batched']):.2f}x); "
+        f"identical transcripts: {n - len(differing)}/{n}"
+    )
     for i in differing[:3]:
         print(f"  differs at {i}: batched {batched[i]!r} / single {single[i]!r}")
-    common.emit("eval_decoding", {
-        "recipe": recipe.name, "model": str(source), "utterances": n, "eval_batch_size": recipe.eval_batch_size,
-        "max_new_tokens": recipe.max_new_tokens, "seconds": seconds, "pair_ratios": ratios, "speedup": speedup,
-        "speedup_totals": sum(seconds["one at a time"]) / sum(seconds["batched"]),
-        "identical": n - len(differing), "mean_words": sum(words) / n, "empty": words.count(0),
-    }, args, started)
+    common.emit(
+        "eval_decoding",
+        {
+            "recipe": recipe.name,
+            "model": str(source),
+            "utterances": n,
+            "eval_batch_size": recipe.eval_batch_size,
+            "max_new_tokens": recipe.max_new_tokens,
+            "seconds": seconds,
+            "pair_ratios": ratios,
+            "speedup": speedup,
+            "speedup_totals": sum(seconds["one at a time"]) / sum(seconds["batched"]),
+            "identical": n - len(differing),
+            "mean_words": sum(words) / n,
+            "empty": words.count(0),
+        },
+        args,
+        started,
+    )
 
 
 if __name__ == "__main__":

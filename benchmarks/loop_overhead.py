@@ -38,8 +38,8 @@ import common
 import torch
 
 from training.data import batching as data_lib
-from training.model import model_inputs
 from training.engine.stage import StageRun
+from training.model import model_inputs
 
 TARGET = 1.03
 
@@ -109,8 +109,12 @@ def profile_both(run: StageRun, bare: BareLoop, steps: int, folder: Path) -> Non
 
 def main() -> None:
     p = common.parser(__doc__)
-    p.add_argument("--stage", default="final", choices=["asr", "second", "final"],
-                   help="stage whose trainable set is used (default final: adapter + LLM)")
+    p.add_argument(
+        "--stage",
+        default="final",
+        choices=["asr", "second", "final"],
+        help="stage whose trainable set is used (default final: adapter + LLM)",
+    )
     p.add_argument("--steps", type=int, default=100, help="timed steps per side (after the warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="pairs of steps dropped at the start")
     p.add_argument("--profile", type=Path, help="also profile each side (torch.profiler) into this folder")
@@ -128,8 +132,9 @@ def main() -> None:
     model = ctx.accelerator.unwrap_model(run.model)
     optimizer = run.optimizer.optimizer  # the torch AdamW inside Accelerate's wrapper
     train = run.train_dl.dataset
-    loader = data_lib.train_loader(train, model.layout, recipe.frame_stack, recipe.batch_size, recipe.seed,
-                                   recipe.num_workers)
+    loader = data_lib.train_loader(
+        train, model.layout, recipe.frame_stack, recipe.batch_size, recipe.seed, recipe.num_workers
+    )
     # Same batches on both sides: the prepared loader and the plain one draw the same order.
     run.train_dl.set_epoch(3)
     loader.sampler.set_epoch(3)
@@ -158,9 +163,9 @@ def main() -> None:
         run.train()
     del ctx.accelerator.clip_grad_norm_
     run.batches = bare.batches = None  # close both data iterators (a live one blocks the exit)
-    ours = timer.ours[args.warmup:]
-    bare_times = timer.bare_times[args.warmup:len(timer.ours)]
-    clips = clip_times[args.warmup:len(timer.ours)]  # clip i happens inside our step i
+    ours = timer.ours[args.warmup :]
+    bare_times = timer.bare_times[args.warmup : len(timer.ours)]
+    clips = clip_times[args.warmup : len(timer.ours)]  # clip i happens inside our step i
     ours_no_clip = [o - c for o, c in zip(ours, clips)] if clips else ours
 
     if args.profile:
@@ -174,31 +179,65 @@ def main() -> None:
     # Steps that start an epoch (fresh iterator: a worker process starts) vs the rest, per side.
     first = [i for i in range(len(ours)) if (i + args.warmup) % per_epoch == 0]
     rest = [i for i in range(len(ours)) if (i + args.warmup) % per_epoch != 0]
-    clipped = sum(n > recipe.max_grad_norm for n in norms[args.warmup:len(timer.ours)])
-    print(f"\nloop overhead, stage '{args.stage}' (trains {'+'.join(run.spec.trainable)}), recipe '{recipe.name}', "
-          f"batch {recipe.batch_size}, num_workers {recipe.num_workers}, {len(ours)} steps per side alternating "
-          f"({per_epoch} batches per epoch), identical batches: {same}")
-    print(common.table(["loop", "median s/step", "mean s/step", "p10", "p90"],
-                       [[name, common.median(t), sum(t) / len(t), common.quantile(t, 0.1), common.quantile(t, 0.9)]
-                        for name, t in (("stage loop (StageRun.train)", ours), ("bare PyTorch loop", bare_times),
-                                        ("  of ours: gradient clipping", clips or [0.0]),
-                                        ("  ours minus clipping", ours_no_clip))]))
-    print(f"ratio ours/bare (median s/step): {ratio:.3f}; totals: {total_ratio:.3f}; median per-pair: {pair_ratio:.3f}; "
-          f"target <= {TARGET}: {'met' if ratio <= TARGET else 'MISSED'}")
-    print(f"without the clipping (max_grad_norm {recipe.max_grad_norm}): {no_clip_ratio:.3f}; the norm exceeded "
-          f"{recipe.max_grad_norm} (so clipping changed the gradients) in {clipped} of {len(clips)} steps")
+    clipped = sum(n > recipe.max_grad_norm for n in norms[args.warmup : len(timer.ours)])
+    print(
+        f"\nloop overhead, stage '{args.stage}' (trains {'+'.join(run.spec.trainable)}), recipe '{recipe.name}', "
+        f"batch {recipe.batch_size}, num_workers {recipe.num_workers}, {len(ours)} steps per side alternating "
+        f"({per_epoch} batches per epoch), identical batches: {same}"
+    )
+    print(
+        common.table(
+            ["loop", "median s/step", "mean s/step", "p10", "p90"],
+            [
+                [name, common.median(t), sum(t) / len(t), common.quantile(t, 0.1), common.quantile(t, 0.9)]
+                for name, t in (
+                    ("stage loop (StageRun.train)", ours),
+                    ("bare PyTorch loop", bare_times),
+                    ("  of ours: gradient clipping", clips or [0.0]),
+                    ("  ours minus clipping", ours_no_clip),
+                )
+            ],
+        )
+    )
+    print(
+        f"ratio ours/bare (median s/step): {ratio:.3f}; totals: {total_ratio:.3f}; median per-pair: {pair_ratio:.3f}; "
+        f"target <= {TARGET}: {'met' if ratio <= TARGET else 'MISSED'}"
+    )
+    print(
+        f"without the clipping (max_grad_norm {recipe.max_grad_norm}): {no_clip_ratio:.3f}; the norm exceeded "
+        f"{recipe.max_grad_norm} (so clipping changed the gradients) in {clipped} of {len(clips)} steps"
+    )
     if first:
-        print(f"epoch-start steps ({len(first)}): ours mean {sum(ours[i] for i in first) / len(first):.3f} s, bare "
-              f"{sum(bare_times[i] for i in first) / len(first):.3f} s; other steps: ours mean "
-              f"{sum(ours[i] for i in rest) / len(rest):.3f} s, bare {sum(bare_times[i] for i in rest) / len(rest):.3f} s")
-    common.emit("loop_overhead", {
-        "stage": args.stage, "recipe": recipe.name, "batch_size": recipe.batch_size, "num_workers": recipe.num_workers,
-        "steps": len(ours), "identical_batches": bool(same),
-        "ours_median_s": common.median(ours), "bare_median_s": common.median(bare_times),
-        "ours_mean_s": sum(ours) / len(ours), "bare_mean_s": sum(bare_times) / len(bare_times),
-        "clip_median_s": common.median(clips) if clips else 0.0, "clipped_steps": clipped, "ratio_without_clipping": no_clip_ratio,
-        "ratio": ratio, "ratio_totals": total_ratio, "ratio_pair_median": pair_ratio, "target": TARGET, "met": ratio <= TARGET,
-    }, args, started)
+        print(
+            f"epoch-start steps ({len(first)}): ours mean {sum(ours[i] for i in first) / len(first):.3f} s, bare "
+            f"{sum(bare_times[i] for i in first) / len(first):.3f} s; other steps: ours mean "
+            f"{sum(ours[i] for i in rest) / len(rest):.3f} s, bare {sum(bare_times[i] for i in rest) / len(rest):.3f} s"
+        )
+    common.emit(
+        "loop_overhead",
+        {
+            "stage": args.stage,
+            "recipe": recipe.name,
+            "batch_size": recipe.batch_size,
+            "num_workers": recipe.num_workers,
+            "steps": len(ours),
+            "identical_batches": bool(same),
+            "ours_median_s": common.median(ours),
+            "bare_median_s": common.median(bare_times),
+            "ours_mean_s": sum(ours) / len(ours),
+            "bare_mean_s": sum(bare_times) / len(bare_times),
+            "clip_median_s": common.median(clips) if clips else 0.0,
+            "clipped_steps": clipped,
+            "ratio_without_clipping": no_clip_ratio,
+            "ratio": ratio,
+            "ratio_totals": total_ratio,
+            "ratio_pair_median": pair_ratio,
+            "target": TARGET,
+            "met": ratio <= TARGET,
+        },
+        args,
+        started,
+    )
 
 
 if __name__ == "__main__":

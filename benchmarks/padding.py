@@ -46,9 +46,14 @@ def fractions(loader: DataLoader, epochs: int, fixed: int | None = None) -> dict
             widths.append(fixed or mask.shape[1])
             frames_real += int(batch["encoder_lengths"].sum())
             frames_padded += batch["encoder_states"].shape[0] * batch["encoder_states"].shape[1]
-    return {"real_fraction": real_total / padded_total, "worst_batch": min(per_batch),
-            "p10_batch": common.quantile(per_batch, 0.1), "batches": len(per_batch),
-            "mean_width": sum(widths) / len(widths), "frames_real_fraction": frames_real / frames_padded}
+    return {
+        "real_fraction": real_total / padded_total,
+        "worst_batch": min(per_batch),
+        "p10_batch": common.quantile(per_batch, 0.1),
+        "batches": len(per_batch),
+        "mean_width": sum(widths) / len(widths),
+        "frames_real_fraction": frames_real / frames_padded,
+    }
 
 
 def main() -> None:
@@ -66,26 +71,73 @@ def main() -> None:
     grouped_loader = data_lib.train_loader(train, layout, k, batch, recipe.seed, num_workers=0)
     grouped = fractions(grouped_loader, args.epochs)
     fixed = fractions(data_lib.train_loader(train, layout, k, batch, recipe.seed, num_workers=0), args.epochs, FIXED)
-    shuffled_loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=True,
-                                 generator=torch.Generator().manual_seed(recipe.seed),
-                                 collate_fn=data_lib.SpeechTextCollator(layout, k))
+    shuffled_loader = DataLoader(
+        train,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(recipe.seed),
+        collate_fn=data_lib.SpeechTextCollator(layout, k),
+    )
     shuffled = fractions(shuffled_loader, args.epochs)
 
     ratio = grouped["real_fraction"] / fixed["real_fraction"]
-    print(f"\npadding, recipe '{recipe.name}': {len(train)} training utterances, batch {batch}, "
-          f"{grouped['batches']} batches ({args.epochs} epochs), frame_stack {k}")
-    print(common.table(
-        ["batching", "real fraction", "worst batch", "p10 batch", "mean width", "encoder frames real"],
-        [["length-grouped (train_loader)", grouped["real_fraction"], grouped["worst_batch"], grouped["p10_batch"],
-          grouped["mean_width"], grouped["frames_real_fraction"]],
-         [f"fixed {FIXED} positions", fixed["real_fraction"], fixed["worst_batch"], fixed["p10_batch"], float(FIXED), "-"],
-         ["shuffled, no grouping", shuffled["real_fraction"], shuffled["worst_batch"], shuffled["p10_batch"],
-          shuffled["mean_width"], shuffled["frames_real_fraction"]]]))
-    print(f"real fraction with grouping: {grouped['real_fraction']:.3f} (target >= {TARGET}: "
-          f"{'met' if grouped['real_fraction'] >= TARGET else 'MISSED'}); {ratio:.1f}x the fixed-{FIXED} layout's")
-    common.emit("padding", {"recipe": recipe.name, "utterances": len(train), "batch_size": batch, "epochs": args.epochs,
-                            "grouped": grouped, "fixed_2048": fixed, "shuffled": shuffled, "ratio_grouped_vs_fixed": ratio,
-                            "target": TARGET, "met": grouped["real_fraction"] >= TARGET}, args, started)
+    print(
+        f"\npadding, recipe '{recipe.name}': {len(train)} training utterances, batch {batch}, "
+        f"{grouped['batches']} batches ({args.epochs} epochs), frame_stack {k}"
+    )
+    print(
+        common.table(
+            ["batching", "real fraction", "worst batch", "p10 batch", "mean width", "encoder frames real"],
+            [
+                [
+                    "length-grouped (train_loader)",
+                    grouped["real_fraction"],
+                    grouped["worst_batch"],
+                    grouped["p10_batch"],
+                    grouped["mean_width"],
+                    grouped["frames_real_fraction"],
+                ],
+                [
+                    f"fixed {FIXED} positions",
+                    fixed["real_fraction"],
+                    fixed["worst_batch"],
+                    fixed["p10_batch"],
+                    float(FIXED),
+                    "-",
+                ],
+                [
+                    "shuffled, no grouping",
+                    shuffled["real_fraction"],
+                    shuffled["worst_batch"],
+                    shuffled["p10_batch"],
+                    shuffled["mean_width"],
+                    shuffled["frames_real_fraction"],
+                ],
+            ],
+        )
+    )
+    print(
+        f"real fraction with grouping: {grouped['real_fraction']:.3f} (target >= {TARGET}: "
+        f"{'met' if grouped['real_fraction'] >= TARGET else 'MISSED'}); {ratio:.1f}x the fixed-{FIXED} layout's"
+    )
+    common.emit(
+        "padding",
+        {
+            "recipe": recipe.name,
+            "utterances": len(train),
+            "batch_size": batch,
+            "epochs": args.epochs,
+            "grouped": grouped,
+            "fixed_2048": fixed,
+            "shuffled": shuffled,
+            "ratio_grouped_vs_fixed": ratio,
+            "target": TARGET,
+            "met": grouped["real_fraction"] >= TARGET,
+        },
+        args,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -29,20 +29,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.data.batching import SpeechTextCollator  # noqa: E402
 from training.engine.launch import make_accelerator  # noqa: E402
 from training.model import build_model, model_inputs, optimizer_groups, parameter_summary, set_trainable  # noqa: E402
-from training.stages import MINI_OMNI, lr_at  # noqa: E402
 from training.model.untrained import save_untrained_checkpoints  # noqa: E402
+from training.stages import MINI_OMNI, lr_at  # noqa: E402
 
-WHISPER_SMALL = dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
-                     num_mel_bins=80, max_source_positions=1500)
-QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True)
-TINY_WHISPER = dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128, num_mel_bins=80,
-                    max_source_positions=1500)
-TINY_QWEN2 = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True)
-
-
+WHISPER_SMALL = dict(
+    d_model=768,
+    encoder_layers=12,
+    encoder_attention_heads=12,
+    encoder_ffn_dim=3072,
+    num_mel_bins=80,
+    max_source_positions=1500,
+)
+QWEN2_05B = dict(
+    vocab_size=151_936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32_768,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    tie_word_embeddings=True,
+)
+TINY_WHISPER = dict(
+    d_model=64,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=128,
+    num_mel_bins=80,
+    max_source_positions=1500,
+)
+TINY_QWEN2 = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
 
 
 def main() -> None:
@@ -60,25 +86,36 @@ def main() -> None:
     accelerator = make_accelerator(MINI_OMNI)
     spec = MINI_OMNI.stage(args.stage)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = save_untrained_checkpoints(Path(tmp) / f"rank{accelerator.process_index}",
-                                           TINY_WHISPER if args.tiny else WHISPER_SMALL,
-                                           TINY_QWEN2 if args.tiny else QWEN2_05B)
+        paths = save_untrained_checkpoints(
+            Path(tmp) / f"rank{accelerator.process_index}",
+            TINY_WHISPER if args.tiny else WHISPER_SMALL,
+            TINY_QWEN2 if args.tiny else QWEN2_05B,
+        )
         model, _, _ = build_model(*paths, frame_stack=MINI_OMNI.frame_stack)
     set_trainable(model, spec.trainable, spec.train_text_specials)
     summary = parameter_summary(model)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, MINI_OMNI.weight_decay), lr=lr_at(spec, 0),
-                                  betas=MINI_OMNI.adam_betas, fused=True)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, MINI_OMNI.weight_decay), lr=lr_at(spec, 0), betas=MINI_OMNI.adam_betas, fused=True
+    )
     collate = SpeechTextCollator(model.layout, model.config.frame_stack)
     frames = int(args.seconds * 1000 / 20) + 1
     rng = np.random.default_rng(0)
     dim = model.encoder.config.d_model
 
-    rows = [{"n_frames": frames, "encoder_states": rng.standard_normal((frames, dim), dtype=np.float32),
-             "text_ids": rng.integers(0, 1000, args.answer_tokens), "text": ""}
-            for _ in range(2 * args.batch_size * accelerator.num_processes)]
+    rows = [
+        {
+            "n_frames": frames,
+            "encoder_states": rng.standard_normal((frames, dim), dtype=np.float32),
+            "text_ids": rng.integers(0, 1000, args.answer_tokens),
+            "text": "",
+        }
+        for _ in range(2 * args.batch_size * accelerator.num_processes)
+    ]
     # Batches are global and split across processes (as in training); DeepSpeed's "auto"
     # micro-batch reads the dataloader's integer batch_size.
-    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size * accelerator.num_processes, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=args.batch_size * accelerator.num_processes, collate_fn=collate
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     device_batches = list(loader)
     positions = device_batches[0]["input_ids"].shape[-1] * args.batch_size
@@ -99,11 +136,15 @@ def main() -> None:
     seconds = float(np.median(step_times))
     figures = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type),
-        "mixed_precision": accelerator.mixed_precision, "stage": args.stage,
+        "processes": accelerator.num_processes,
+        "distributed": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+        "stage": args.stage,
         "params": {k: {"total": t, "trainable": n} for k, (t, n) in summary.items()},
-        "batch_per_process": args.batch_size, "positions_per_sample": positions // args.batch_size,
-        "step_seconds_median": seconds, "tokens_per_second_per_process": positions / seconds,
+        "batch_per_process": args.batch_size,
+        "positions_per_sample": positions // args.batch_size,
+        "step_seconds_median": seconds,
+        "tokens_per_second_per_process": positions / seconds,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "last_loss": loss,
     }

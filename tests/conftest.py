@@ -29,18 +29,43 @@ def tiny_checkpoints(tmp_path_factory) -> tuple[str, str]:
 # and no WER gates (test_wer_gate_stops_a_multi_stage_run checks the gate itself). Tests that only
 # need a few steps cap them with --max-steps.
 QUICK = {
-    "base": "demo", "name": "demo-quick", "corpus_scale": "quick", "standin_scale": "quick",
-    "batch_size": 16, "save_every": 100, "log_every": 10, "eval_batch_size": 40,
+    "base": "demo",
+    "name": "demo-quick",
+    "corpus_scale": "quick",
+    "standin_scale": "quick",
+    "batch_size": 16,
+    "save_every": 100,
+    "log_every": 10,
+    "eval_batch_size": 40,
     "stages": {
-        "asr": {"min_steps": 290, "max_steps": 300, "warmup_steps": 20, "eval_every": 100, "max_wer": None,
-                "lr_peak": 3e-3},
+        "asr": {
+            "min_steps": 290,
+            "max_steps": 300,
+            "warmup_steps": 20,
+            "eval_every": 100,
+            "max_wer": None,
+            "lr_peak": 3e-3,
+        },
         # second: long enough for the LLM to answer spoken questions better than a constant answer
-        "second": {"min_steps": 990, "max_steps": 1000, "warmup_steps": 20, "eval_every": 250, "max_wer": None,
-                   "lr_peak": 1e-3},
+        "second": {
+            "min_steps": 990,
+            "max_steps": 1000,
+            "warmup_steps": 20,
+            "eval_every": 250,
+            "max_wer": None,
+            "lr_peak": 1e-3,
+        },
         # final: longer, speech-heavy and at a higher peak LR, so that a test run can show the
         # speech answers being learned (the demo keeps the seed's LR and mix)
-        "final": {"min_steps": 140, "max_steps": 150, "warmup_steps": 5, "eval_every": 50, "max_wer": None,
-                  "lr_peak": 1e-3, "task_mix": {"asr": 0.2, "a1t2": 0.2, "a1a2": 0.3, "t1a2": 0.3}},
+        "final": {
+            "min_steps": 140,
+            "max_steps": 150,
+            "warmup_steps": 5,
+            "eval_every": 50,
+            "max_wer": None,
+            "lr_peak": 1e-3,
+            "task_mix": {"asr": 0.2, "a1t2": 0.2, "a1a2": 0.3, "t1a2": 0.3},
+        },
     },
 }
 

@@ -19,32 +19,63 @@ from training.model import build_model
 from training.model.untrained import save_untrained_checkpoints
 
 # The shared tiny checkpoints (conftest.py's `tiny_checkpoints`): one key/value group, untied output.
-TINY_WHISPER: dict[str, Any] = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-                                    num_mel_bins=80, max_source_positions=200)
-TINY_QWEN2: dict[str, Any] = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+TINY_WHISPER: dict[str, Any] = dict(
+    d_model=32,
+    encoder_layers=1,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    num_mel_bins=80,
+    max_source_positions=200,
+)
+TINY_QWEN2: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+)
 TINY_FEATURES: dict[str, Any] = dict(feature_size=80, sampling_rate=16000, chunk_length=4)
 
 # Qwen2-0.5B-like layout for export tests (test_export.py's `gqa_checkpoints`): 2 key/value groups,
 # so the fused-QKV interleaving shows, and a tied output layer.
 GQA_D, GQA_HEADS, GQA_GROUPS, GQA_HEAD, GQA_FFN, GQA_LAYERS = 32, 4, 2, 8, 64, 2
-GQA_WHISPER: dict[str, Any] = dict(d_model=24, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=48,
-                                   num_mel_bins=80, max_source_positions=200)
-GQA_QWEN2: dict[str, Any] = dict(vocab_size=320, hidden_size=GQA_D, intermediate_size=GQA_FFN,
-                                 num_hidden_layers=GQA_LAYERS, num_attention_heads=GQA_HEADS,
-                                 num_key_value_heads=GQA_GROUPS, tie_word_embeddings=True)
+GQA_WHISPER: dict[str, Any] = dict(
+    d_model=24,
+    encoder_layers=1,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=48,
+    num_mel_bins=80,
+    max_source_positions=200,
+)
+GQA_QWEN2: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=GQA_D,
+    intermediate_size=GQA_FFN,
+    num_hidden_layers=GQA_LAYERS,
+    num_attention_heads=GQA_HEADS,
+    num_key_value_heads=GQA_GROUPS,
+    tie_word_embeddings=True,
+)
 
 
-def save_tiny_checkpoints(root: str | Path, whisper: dict[str, Any] = TINY_WHISPER, qwen2: dict[str, Any] = TINY_QWEN2,
-                          feature_extractor: dict[str, Any] = TINY_FEATURES) -> tuple[str, str]:
+def save_tiny_checkpoints(
+    root: str | Path,
+    whisper: dict[str, Any] = TINY_WHISPER,
+    qwen2: dict[str, Any] = TINY_QWEN2,
+    feature_extractor: dict[str, Any] = TINY_FEATURES,
+) -> tuple[str, str]:
     """Random tiny Whisper and Qwen2 (with a BPE tokenizer) saved under `root` like real checkpoints;
     returns (encoder path, LLM path)."""
-    return save_untrained_checkpoints(root, whisper=dict(whisper), qwen2=dict(qwen2),
-                                      feature_extractor=dict(feature_extractor))
+    return save_untrained_checkpoints(
+        root, whisper=dict(whisper), qwen2=dict(qwen2), feature_extractor=dict(feature_extractor)
+    )
 
 
-def tiny_model(checkpoints: tuple[str, str], frame_stack: int = 4, adapter_hidden: int | None = None,
-               seed: int | None = 0):
+def tiny_model(
+    checkpoints: tuple[str, str], frame_stack: int = 4, adapter_hidden: int | None = None, seed: int | None = 0
+):
     """build_model on saved tiny checkpoints after torch.manual_seed(seed) (no seeding if None);
     returns (model, tokenizer, feature_extractor) as build_model does."""
     if seed is not None:

@@ -35,10 +35,24 @@ TOLERANCE = 1e-4
 
 
 def _launch(profile: str, recipe: str, cache_dir: Path, out: Path, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(ROOT / "accelerate_configs" / profile), str(ROOT / "training" / "run.py"),
-           "--stage", "asr", "--recipe", recipe, "--output-dir", str(out), "--cache-dir", str(cache_dir),
-           "--max-steps", str(STEPS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / profile),
+        str(ROOT / "training" / "run.py"),
+        "--stage",
+        "asr",
+        "--recipe",
+        recipe,
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+        "--max-steps",
+        str(STEPS),
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -95,8 +109,9 @@ def test_zero3_matches_one_process_and_keeps_frozen_weights(zero3, single, recip
     assert "2 processes" in zero3["output"] and "DEEPSPEED" in zero3["output"]
     _assert_same_losses(zero3, single)
     # asr under ZeRO-3: encoder and every LLM row but the text specials are the pretrained ones
-    ctx = RunContext(recipe=load_recipe(recipe), output_dir=zero3["dir"], cache_dir=cache_dir,
-                     accelerator=Accelerator())
+    ctx = RunContext(
+        recipe=load_recipe(recipe), output_dir=zero3["dir"], cache_dir=cache_dir, accelerator=Accelerator()
+    )
     load_data_and_pretrained(ctx)
     start, _, _ = build_model(*ctx.pretrained, frame_stack=ctx.recipe.frame_stack)
     trained, _, _ = load_omni(zero3["dir"] / "asr" / "final")
@@ -106,8 +121,9 @@ def test_zero3_matches_one_process_and_keeps_frozen_weights(zero3, single, recip
         assert torch.equal(before[layout.text_size :], after[layout.text_size :])
         specials = slice(layout.text_vocab, layout.text_size)
         assert not torch.equal(before[specials], after[specials])
-    assert all(torch.equal(a, b)
-               for a, b in zip(start.encoder.state_dict().values(), trained.encoder.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(start.encoder.state_dict().values(), trained.encoder.state_dict().values())
+    )
 
 
 def test_zero3_export_reloads_in_one_process_with_same_wer_and_loss(zero3, recipe, cache_dir):

@@ -83,13 +83,33 @@ def test_unknown_hub_id_is_named():
 
 def test_cli_exits_0_quickly_without_a_launcher():
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "training/run.py", "--recipe", "mini-omni", "--dry-run", "--gpus", "8",
-                          "--nodes", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "training/run.py", "--recipe", "mini-omni", "--dry-run", "--gpus", "8", "--nodes", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - start
     assert out.returncode == 0, out.stderr
     assert "shipped config configs/qwen2-0.5b/" in out.stdout
     assert "494,032,768" in out.stdout and "zero3+offload" in out.stdout
     assert seconds < 60
-    bad = subprocess.run([sys.executable, "training/run.py", "--recipe", "mini-omni", "--dry-run", "--encoder", "x/y",
-                          "--llm", "Qwen/Qwen2-0.5B"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "training/run.py",
+            "--recipe",
+            "mini-omni",
+            "--dry-run",
+            "--encoder",
+            "x/y",
+            "--llm",
+            "Qwen/Qwen2-0.5B",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "x/y" in bad.stderr

@@ -52,26 +52,40 @@ def _outputs(model):
     n = 30
     ex = speech_to_text_example(layout, n_adapter_frames(n, model.config.frame_stack), [5, 6, 7, 8])
     with torch.no_grad():
-        loss = model(input_ids=ex.input_ids[None], labels=ex.labels[None],
-                     attention_mask=torch.ones(1, ex.input_ids.shape[1], dtype=torch.long),
-                     audio_mask=ex.audio_mask[None], encoder_states=states,
-                     encoder_lengths=torch.tensor([n]))["loss"]
+        loss = model(
+            input_ids=ex.input_ids[None],
+            labels=ex.labels[None],
+            attention_mask=torch.ones(1, ex.input_ids.shape[1], dtype=torch.long),
+            audio_mask=ex.audio_mask[None],
+            encoder_states=states,
+            encoder_lengths=torch.tensor([n]),
+        )["loss"]
         logits = model.llm(input_ids=torch.tensor([[1, 2, 3, layout.eot, layout.audio_id(7, 3)]])).logits
     return logits, loss
 
 
 def expected_table(vocab, adapter_in):
     """The module docstring's mapping table, for this tiny shape."""
-    shapes = {"transformer.wte.weight": (vocab, D), "lm_head.weight": (vocab, D), "transformer.ln_f.weight": (D,),
-              "whisper_adapter.fc_1.weight": (FFN, adapter_in), "whisper_adapter.fc_2.weight": (FFN, adapter_in),
-              "whisper_adapter.proj.weight": (D, FFN)}
+    shapes = {
+        "transformer.wte.weight": (vocab, D),
+        "lm_head.weight": (vocab, D),
+        "transformer.ln_f.weight": (D,),
+        "whisper_adapter.fc_1.weight": (FFN, adapter_in),
+        "whisper_adapter.fc_2.weight": (FFN, adapter_in),
+        "whisper_adapter.proj.weight": (D, FFN),
+    }
     for i in range(LAYERS):
         h = f"transformer.h.{i}."
-        shapes |= {h + "norm_1.weight": (D,), h + "norm_2.weight": (D,),
-                   h + "attn.attn.weight": ((HEADS + 2 * GROUPS) * HEAD, D),
-                   h + "attn.attn.bias": ((HEADS + 2 * GROUPS) * HEAD,),
-                   h + "attn.proj.weight": (D, HEADS * HEAD),
-                   h + "mlp.fc_1.weight": (FFN, D), h + "mlp.fc_2.weight": (FFN, D), h + "mlp.proj.weight": (D, FFN)}
+        shapes |= {
+            h + "norm_1.weight": (D,),
+            h + "norm_2.weight": (D,),
+            h + "attn.attn.weight": ((HEADS + 2 * GROUPS) * HEAD, D),
+            h + "attn.attn.bias": ((HEADS + 2 * GROUPS) * HEAD,),
+            h + "attn.proj.weight": (D, HEADS * HEAD),
+            h + "mlp.fc_1.weight": (FFN, D),
+            h + "mlp.fc_2.weight": (FFN, D),
+            h + "mlp.proj.weight": (D, FFN),
+        }
     return shapes
 
 
@@ -109,8 +123,10 @@ def test_mini_omni_names_shapes_and_round_trip(gqa_checkpoints, tmp_path):
         torch.testing.assert_close(a, b)
 
     back, tokenizer, _ = import_mini_omni(tmp_path / "lit")
-    for (name, a), (name_b, b) in zip([*model.llm.named_parameters(), *model.adapter.named_parameters()],
-                                      [*back.llm.named_parameters(), *back.adapter.named_parameters()]):
+    for (name, a), (name_b, b) in zip(
+        [*model.llm.named_parameters(), *model.adapter.named_parameters()],
+        [*back.llm.named_parameters(), *back.adapter.named_parameters()],
+    ):
         assert name == name_b and torch.equal(a, b), name
     logits, loss = _outputs(model)
     logits_back, loss_back = _outputs(back)
@@ -120,8 +136,20 @@ def test_mini_omni_names_shapes_and_round_trip(gqa_checkpoints, tmp_path):
 
 def test_untied_single_group_round_trip_through_the_cli(tiny_checkpoints, tmp_path):
     model = _trained_export(tiny_checkpoints, tmp_path / "final", adapter_hidden=64)
-    assert main(["--from", str(tmp_path / "final"), "--to", str(tmp_path / "lit"), "--format", "mini-omni",
-                 "--allow-encoder-mismatch"]) == 0
+    assert (
+        main(
+            [
+                "--from",
+                str(tmp_path / "final"),
+                "--to",
+                str(tmp_path / "lit"),
+                "--format",
+                "mini-omni",
+                "--allow-encoder-mismatch",
+            ]
+        )
+        == 0
+    )
     state = torch.load(tmp_path / "lit" / "lit_model.pth", weights_only=True)
     assert not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
     assert main(["--from", str(tmp_path / "lit"), "--to", str(tmp_path / "back"), "--format", "omni"]) == 0
@@ -165,8 +193,13 @@ def test_real_recipe_shapes_on_the_meta_device():
     from training.model.export import check_compatible, lit_config, lit_state_dict
     from training.stages import MINI_OMNI
 
-    model, _ = build_meta_model(config_folder(MINI_OMNI.encoder, "encoder")[0], config_folder(MINI_OMNI.llm, "llm")[0],
-                                MINI_OMNI.frame_stack, MINI_OMNI.adapter_hidden, MINI_OMNI.encoder)
+    model, _ = build_meta_model(
+        config_folder(MINI_OMNI.encoder, "encoder")[0],
+        config_folder(MINI_OMNI.llm, "llm")[0],
+        MINI_OMNI.frame_stack,
+        MINI_OMNI.adapter_hidden,
+        MINI_OMNI.encoder,
+    )
     assert check_compatible(model, model.llm.config, allow_encoder_mismatch=False) == []
     shapes = {k: tuple(v.shape) for k, v in lit_state_dict(model).items()}
     assert len(shapes) == 3 + 24 * 8 + 3
@@ -179,6 +212,18 @@ def test_real_recipe_shapes_on_the_meta_device():
     assert shapes["whisper_adapter.fc_1.weight"] == (4864, 768) and shapes["whisper_adapter.proj.weight"] == (896, 4864)
     config = lit_config(model, 2048)
     assert config | {"name": None} == config | {
-        "name": None, "n_layer": 24, "n_head": 14, "n_query_groups": 2, "head_size": 64, "n_embd": 896,
-        "intermediate_size": 4864, "rope_base": 1_000_000, "norm_eps": 1e-6, "tie_word_embeddings": True,
-        "text_vocab_size": 152_000, "padded_vocab_size": 181_120, "whisper_adapter_dim": 768, "block_size": 2048}
+        "name": None,
+        "n_layer": 24,
+        "n_head": 14,
+        "n_query_groups": 2,
+        "head_size": 64,
+        "n_embd": 896,
+        "intermediate_size": 4864,
+        "rope_base": 1_000_000,
+        "norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "text_vocab_size": 152_000,
+        "padded_vocab_size": 181_120,
+        "whisper_adapter_dim": 768,
+        "block_size": 2048,
+    }

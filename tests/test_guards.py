@@ -63,8 +63,11 @@ def test_launch_checks_name_the_knob(quick_recipe):
     with pytest.raises(RecipeError, match="batch_size 16 .* must divide by the 3 processes"):
         check_launch(three, recipe)
     config = {"gradient_clipping": 0.5}
-    deepspeed = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED,
-                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    deepspeed = SimpleNamespace(
+        num_processes=2,
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)),
+    )
     with pytest.raises(RecipeError, match="gradient_clipping 0.5, the recipe max_grad_norm 1.0"):
         check_launch(deepspeed, recipe)
     config["gradient_clipping"] = "auto"

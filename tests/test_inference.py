@@ -48,8 +48,17 @@ def test_batched_text_generation_equals_one_at_a_time(tiny, task):
     (cut there, like eot) without changing the others."""
     model, _, fe = tiny
     states, lengths = _speech_batch(model, fe)
-    alone = lambda i, stops=(): generate(model, task, encoder_states=states[i : i + 1, : int(lengths[i])],  # noqa: E731
-                                         encoder_lengths=lengths[i : i + 1], max_new_tokens=12, stop_ids=stops)[0]
+
+    def alone(i, stops=()):
+        return generate(
+            model,
+            task,
+            encoder_states=states[i : i + 1, : int(lengths[i])],
+            encoder_lengths=lengths[i : i + 1],
+            max_new_tokens=12,
+            stop_ids=stops,
+        )[0]
+
     together = generate(model, task, encoder_states=states, encoder_lengths=lengths, max_new_tokens=12)
     assert [g.text_ids for g in together] == [alone(i).text_ids for i in range(3)]
     assert all(g.audio_ids is None and g.codes is None for g in together)
@@ -99,8 +108,10 @@ def test_batched_speech_generation_equals_one_at_a_time(tiny, task):
     layout = model.layout
     if task == "a1a2":
         states, lengths = _speech_batch(model, fe)
-        rows = [{"encoder_states": states[i : i + 1, : int(lengths[i])], "encoder_lengths": lengths[i : i + 1]}
-                for i in range(3)]
+        rows = [
+            {"encoder_states": states[i : i + 1, : int(lengths[i])], "encoder_lengths": lengths[i : i + 1]}
+            for i in range(3)
+        ]
         together_kwargs = {"encoder_states": states, "encoder_lengths": lengths}
     else:
         questions = [[5, 9, 17, 3, 44, 2], [7], [100, 101, 102]]
@@ -123,12 +134,16 @@ def test_batched_speech_generation_equals_one_at_a_time(tiny, task):
         assert ids.shape[0] == N_AUDIO_LAYERS
         for layer in range(N_AUDIO_LAYERS):  # the delay is forced, the rest lies in the layer's block
             assert set(ids[layer, : layer + 1].tolist()) == {layout.audio_id(layout.pad_a, layer)}
-            assert bool(((ids[layer] >= layout.audio_offset(layer))
-                         & (ids[layer] < layout.audio_offset(layer) + layout.audio_size)).all())
-            local = ids[layer, layer + 1:] - layout.audio_offset(layer)
+            assert bool(
+                (
+                    (ids[layer] >= layout.audio_offset(layer))
+                    & (ids[layer] < layout.audio_offset(layer) + layout.audio_size)
+                ).all()
+            )
+            local = ids[layer, layer + 1 :] - layout.audio_offset(layer)
             ends = (local >= layout.audio_codes).nonzero()
             if len(ends):  # a layer that ended (eoa or a stray special) is held at pad_a
-                assert set(local[int(ends[0]) + 1:].tolist()) <= {layout.pad_a}
+                assert set(local[int(ends[0]) + 1 :].tolist()) <= {layout.pad_a}
         assert alone.codes.shape[1] == 7 and alone.codes.shape[0] <= ids.shape[1] - N_AUDIO_LAYERS
     # not vacuous: the scrambled model speaks (codes) and writes text
     assert any(g.codes.shape[0] > 0 for g in together) and any(g.text_ids for g in together)
@@ -163,9 +178,14 @@ def _all_correct(model, ex) -> bool:
 
 
 def _row(example, states=None, lengths=None) -> dict:
-    return {"input_ids": example.input_ids[None], "labels": example.labels[None],
-            "attention_mask": torch.ones(1, example.input_ids.shape[1], dtype=torch.long),
-            "audio_mask": example.audio_mask[None], "encoder_states": states, "encoder_lengths": lengths}
+    return {
+        "input_ids": example.input_ids[None],
+        "labels": example.labels[None],
+        "attention_mask": torch.ones(1, example.input_ids.shape[1], dtype=torch.long),
+        "audio_mask": example.audio_mask[None],
+        "encoder_states": states,
+        "encoder_lengths": lengths,
+    }
 
 
 def test_overfitted_model_decodes_its_answer_and_writes_the_wav(tiny_checkpoints, tmp_path, capsys):
@@ -186,15 +206,17 @@ def test_overfitted_model_decodes_its_answer_and_writes_the_wav(tiny_checkpoints
     assert all(_all_correct(model, ex) for ex in examples), "the tiny model did not learn its rows"
 
     question_ids = tokenizer(question, add_special_tokens=False).input_ids
-    for kwargs, task in (({"question_ids": [question_ids]}, "t1a2"),
-                         ({"encoder_states": states, "encoder_lengths": lengths}, "a1a2")):
+    for kwargs, task in (
+        ({"question_ids": [question_ids]}, "t1a2"),
+        ({"encoder_states": states, "encoder_lengths": lengths}, "a1a2"),
+    ):
         out = generate(model, task, max_new_tokens=40, **kwargs)[0]
         assert out.text_ids == answer_ids
         assert torch.equal(out.codes, codes)
         # the whole delayed block, pads and eoa included, as training laid it out; decoding
         # stopped at layer 6's eoa (the text is shorter than the block)
         assert torch.equal(out.audio_ids, delay_audio(layout, codes))
-        assert torch.equal(out.audio_ids, t1a2.input_ids[:N_AUDIO_LAYERS, -out.audio_ids.shape[1]:])
+        assert torch.equal(out.audio_ids, t1a2.input_ids[:N_AUDIO_LAYERS, -out.audio_ids.shape[1] :])
 
     # batched beside a longer, untrained question: the trained row finishes early (then sits on
     # forced pads while the other row decodes on) and both rows equal their one-at-a-time runs
@@ -209,8 +231,9 @@ def test_overfitted_model_decodes_its_answer_and_writes_the_wav(tiny_checkpoints
     codec = load_codec(None, log=lambda _: None)
     expected_text = tokenizer.decode(answer_ids)
     wav_path = tmp_path / "answer.wav"
-    text, frames = speak(model, tokenizer, codec, text=question, task="t1a2", wav_path=wav_path,
-                         max_new_tokens=40, feature_extractor=fe)
+    text, frames = speak(
+        model, tokenizer, codec, text=question, task="t1a2", wav_path=wav_path, max_new_tokens=40, feature_extractor=fe
+    )
     assert (text, frames) == (expected_text, 3)
     samples, rate = sf.read(wav_path)
     info = sf.info(wav_path)
@@ -223,16 +246,39 @@ def test_overfitted_model_decodes_its_answer_and_writes_the_wav(tiny_checkpoints
     sf.write(question_wav, wave, 16_000, subtype="FLOAT")
     for audio in ((wave, 16_000), question_wav):
         out_path = tmp_path / "spoken.wav"
-        text, frames = speak(model, tokenizer, codec, audio=audio, task="a1a2", wav_path=out_path,
-                             max_new_tokens=40, feature_extractor=fe)
+        text, frames = speak(
+            model,
+            tokenizer,
+            codec,
+            audio=audio,
+            task="a1a2",
+            wav_path=out_path,
+            max_new_tokens=40,
+            feature_extractor=fe,
+        )
         assert (text, frames) == (expected_text, 3)
         assert sf.info(out_path).frames == 3 * 2048
 
     # the CLI on a stage export of the same model
     save_omni(model, tmp_path / "export", tokenizer, fe)
     capsys.readouterr()
-    assert main(["--model", str(tmp_path / "export"), "--task", "a1a2", "--audio", str(question_wav),
-                 "--out", str(tmp_path / "cli.wav"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "export"),
+                "--task",
+                "a1a2",
+                "--audio",
+                str(question_wav),
+                "--out",
+                str(tmp_path / "cli.wav"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == expected_text.strip()
     assert sf.info(tmp_path / "cli.wav").frames == 3 * 2048 and sf.info(tmp_path / "cli.wav").samplerate == 24_000
 

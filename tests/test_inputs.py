@@ -19,8 +19,12 @@ def _wav(seconds: float = 1.0, sr: int = 16000) -> bytes:
 def _dataset(tmp_path, rows: list[dict], name: str = "ds"):
     """A small user dataset saved with save_to_disk, with train/heldout/dev splits."""
     # Built as plain structs, then cast: encoding through Audio would import torchcodec (FFmpeg).
-    features = datasets.Features({"speech": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
-                                  "sentence": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "speech": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+            "sentence": datasets.Value("string"),
+        }
+    )
 
     def build(items):
         return datasets.Dataset.from_list(items, features=features).cast_column("speech", datasets.Audio(decode=False))
@@ -34,15 +38,40 @@ def _dataset(tmp_path, rows: list[dict], name: str = "ds"):
 
 def _run(tmp_path, tiny_checkpoints, *extra: str) -> int:
     enc, llm = tiny_checkpoints
-    return main(["--stage", "asr", "--encoder", enc, "--llm", llm, "--output-dir", str(tmp_path / "out"),
-                 "--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", *extra])
+    return main(
+        [
+            "--stage",
+            "asr",
+            "--encoder",
+            enc,
+            "--llm",
+            llm,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-steps",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_user_dataset_trains_with_named_columns(tmp_path, tiny_checkpoints, capsys):
     rows = [{"speech": {"bytes": _wav(1.0 + i / 10), "path": None}, "sentence": "the cat sat"} for i in range(8)]
     path = _dataset(tmp_path, rows)
-    code = _run(tmp_path, tiny_checkpoints, "--dataset", path, "--audio-column", "speech", "--text-column", "sentence",
-                "--recipe", _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}}))
+    code = _run(
+        tmp_path,
+        tiny_checkpoints,
+        "--dataset",
+        path,
+        "--audio-column",
+        "speech",
+        "--text-column",
+        "sentence",
+        "--recipe",
+        _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}}),
+    )
     assert code == 0, capsys.readouterr().out
     record = json.loads((tmp_path / "out" / "run_record.json").read_text())
     assert record["stages"]["asr"]["steps"] == 2
@@ -54,12 +83,15 @@ def _recipe(tmp_path, **fields) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing_column", "split 'train': no column 'sentence'"),
-    ("empty_transcript", "split 'train', row 1, column 'sentence': empty or missing transcript"),
-    ("unreadable_audio", "split 'train', row 2, column 'speech': cannot read audio"),
-    ("too_long", "split 'train', row 0, column 'speech': audio is 6.0 s, longer than the encoder's 4 s window"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_column", "split 'train': no column 'sentence'"),
+        ("empty_transcript", "split 'train', row 1, column 'sentence': empty or missing transcript"),
+        ("unreadable_audio", "split 'train', row 2, column 'speech': cannot read audio"),
+        ("too_long", "split 'train', row 0, column 'speech': audio is 6.0 s, longer than the encoder's 4 s window"),
+    ],
+)
 def test_bad_rows_are_named(tmp_path, tiny_checkpoints, capsys, case, expected):
     good = {"speech": {"bytes": _wav(), "path": None}, "sentence": "the cat"}
     rows = [dict(good) for _ in range(4)]
@@ -96,11 +128,15 @@ def test_recipe_value_of_wrong_type(tmp_path, capsys):
 BAD_INPUTS = [
     ("text column of numbers", "column 'sentence': expected a string column, got Value('int64')"),
     ("audio column of plain strings", "column 'speech': expected an Audio column (or {bytes, path})"),
-    ("transcript that normalizes to nothing",
-     "row 1, column 'sentence': transcript '[noise]' is empty after normalization"),
+    (
+        "transcript that normalizes to nothing",
+        "row 1, column 'sentence': transcript '[noise]' is empty after normalization",
+    ),
     ("audio with no samples", "row 3, column 'speech': cannot read audio (the audio is empty)"),
-    ("audio with NaN samples",
-     "row 0, column 'speech': cannot read audio (the audio contains NaN or infinite samples)"),
+    (
+        "audio with NaN samples",
+        "row 0, column 'speech': cannot read audio (the audio contains NaN or infinite samples)",
+    ),
 ]
 
 
@@ -134,17 +170,27 @@ def _bad_dataset(tmp_path, case: str) -> str:
 @pytest.mark.parametrize("case, expected", BAD_INPUTS)
 def test_validate_data_names_each_bad_input(tmp_path, tiny_checkpoints, capsys, case, expected):
     path = _bad_dataset(tmp_path, case)
-    code = _run(tmp_path, tiny_checkpoints, "--dataset", path, "--audio-column", "speech", "--text-column", "sentence",
-                "--validate-data")
+    code = _run(
+        tmp_path,
+        tiny_checkpoints,
+        "--dataset",
+        path,
+        "--audio-column",
+        "speech",
+        "--text-column",
+        "sentence",
+        "--validate-data",
+    )
     out = capsys.readouterr().out
     assert code == 2, out
     assert f"dataset '{path}', split 'train'" in out and expected in out
 
 
 def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_path, tiny_checkpoints, capsys):
-    rows = [{"speech": {"bytes": _wav(1.0 + i / 10, sr=44100 if i % 2 else 16000), "path": None},
-             "sentence": "the cat sat"}
-            for i in range(10)]
+    rows = [
+        {"speech": {"bytes": _wav(1.0 + i / 10, sr=44100 if i % 2 else 16000), "path": None}, "sentence": "the cat sat"}
+        for i in range(10)
+    ]
     rows[2]["sentence"] = ""
     rows[5]["speech"] = {"bytes": b"garbage", "path": None}
     path = _dataset(tmp_path, rows)
@@ -167,12 +213,23 @@ def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_pat
 
 def _qa_dataset(tmp_path, answer_snac: list[str]) -> str:
     """A user QA dataset in VoiceAssistant-400K's schema (question, question_audio, answer, answer_snac)."""
-    features = datasets.Features({"question": datasets.Value("string"),
-                                  "question_audio": {"bytes": datasets.Value("binary"),
-                                                     "path": datasets.Value("string")},
-                                  "answer": datasets.Value("string"), "answer_snac": datasets.Value("string")})
-    rows = [{"question": "what is the opposite of hot", "question_audio": {"bytes": _wav(), "path": None},
-             "answer": "cold", "answer_snac": snac} for snac in answer_snac]
+    features = datasets.Features(
+        {
+            "question": datasets.Value("string"),
+            "question_audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+            "answer": datasets.Value("string"),
+            "answer_snac": datasets.Value("string"),
+        }
+    )
+    rows = [
+        {
+            "question": "what is the opposite of hot",
+            "question_audio": {"bytes": _wav(), "path": None},
+            "answer": "cold",
+            "answer_snac": snac,
+        }
+        for snac in answer_snac
+    ]
     split = datasets.Dataset.from_list(rows, features=features)
     split = split.cast_column("question_audio", datasets.Audio(decode=False))
     path = tmp_path / "qa"
@@ -180,16 +237,30 @@ def _qa_dataset(tmp_path, answer_snac: list[str]) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("snac, expected", [
-    ("# 1 2 3 4 5 6 7 # 8 9 10", "frame 1 has 3 codes, expected 7"),
-    ("# 1 2 3 4 5 6 x", "'x' is not an integer code"),
-    ("# 1 2 3 4 5 6 4096", "code 4096 outside [0, 4096)"),
-])
+@pytest.mark.parametrize(
+    "snac, expected",
+    [
+        ("# 1 2 3 4 5 6 7 # 8 9 10", "frame 1 has 3 codes, expected 7"),
+        ("# 1 2 3 4 5 6 x", "'x' is not an integer code"),
+        ("# 1 2 3 4 5 6 4096", "code 4096 outside [0, 4096)"),
+    ],
+)
 def test_bad_answer_snac_is_named(tmp_path, tiny_checkpoints, capsys, snac, expected):
     asr = _dataset(tmp_path, [{"speech": {"bytes": _wav(), "path": None}, "sentence": "the cat"}] * 2)
     qa = _qa_dataset(tmp_path, ["# 1 2 3 4 5 6 7", snac])
-    code = _run(tmp_path, tiny_checkpoints, "--dataset", asr, "--audio-column", "speech", "--text-column", "sentence",
-                "--qa-dataset", qa, "--validate-data")
+    code = _run(
+        tmp_path,
+        tiny_checkpoints,
+        "--dataset",
+        asr,
+        "--audio-column",
+        "speech",
+        "--text-column",
+        "sentence",
+        "--qa-dataset",
+        qa,
+        "--validate-data",
+    )
     out = capsys.readouterr().out
     assert code == 2, out
     assert f"dataset '{qa}', split 'train', row 1, column 'answer_snac'" in out and expected in out
@@ -200,10 +271,30 @@ def test_prepare_encodes_once_and_stages_reuse_it(tmp_path, tiny_checkpoints, ca
     rows = [{"speech": {"bytes": _wav(1.0 + i / 10), "path": None}, "sentence": "the cat sat"} for i in range(8)]
     path = _dataset(tmp_path, rows)
     enc, llm = tiny_checkpoints
-    data = ["--dataset", path, "--audio-column", "speech", "--text-column", "sentence",
-            "--recipe", _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}})]
-    code = main(["--prepare", "--encoder", enc, "--llm", llm, "--output-dir", str(tmp_path / "out"),
-                 "--cache-dir", str(tmp_path / "cache"), *data])
+    data = [
+        "--dataset",
+        path,
+        "--audio-column",
+        "speech",
+        "--text-column",
+        "sentence",
+        "--recipe",
+        _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}}),
+    ]
+    code = main(
+        [
+            "--prepare",
+            "--encoder",
+            enc,
+            "--llm",
+            llm,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *data,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.out
     assert "prepared: train 8 rows, heldout 2 rows, dev 2 rows" in captured.out

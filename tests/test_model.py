@@ -24,8 +24,14 @@ def _batch(model, tokenizer, feature_extractor, texts=("the cat", "a dog ran on 
     rows = []
     for i, (text, s) in enumerate(zip(texts, seconds)):
         n = int(s * 1000 / 20) + 1
-        rows.append({"n_frames": n, "encoder_states": states[i, :n].numpy(),
-                     "text_ids": np.array(tokenizer(text).input_ids), "text": text})
+        rows.append(
+            {
+                "n_frames": n,
+                "encoder_states": states[i, :n].numpy(),
+                "text_ids": np.array(tokenizer(text).input_ids),
+                "text": text,
+            }
+        )
     return SpeechTextCollator(model.layout, model.config.frame_stack)(rows)
 
 

@@ -19,8 +19,10 @@ WER = {"before": (1.984, 1.546), "asr": (0.787, 0.772), "second": (0.642, 0.600)
 
 
 def wer_entry(heldout: float, dev: float) -> dict:
-    return {"heldout": {"wer": heldout, "utterances": 100, "words": 412},
-            "dev": {"wer": dev, "utterances": 100, "words": 398}}
+    return {
+        "heldout": {"wer": heldout, "utterances": 100, "words": 412},
+        "dev": {"wer": dev, "utterances": 100, "words": 398},
+    }
 
 
 def write_stage(run: Path, stage: str, start_loss: float, with_tokens: bool) -> None:
@@ -37,21 +39,31 @@ def write_stage(run: Path, stage: str, start_loss: float, with_tokens: bool) -> 
 
 
 def stage_result(stage: str, loss: float) -> dict:
-    result = {"complete": True, "steps": STEPS[stage], "stop_reason": "max_steps", "final_train_loss": loss,
-              "heldout_loss": loss + 0.3, "wer": wer_entry(*WER[stage]), "seconds": 83.4 + STEPS[stage],
-              "export": f"runs/x/{stage}/final"}
+    result = {
+        "complete": True,
+        "steps": STEPS[stage],
+        "stop_reason": "max_steps",
+        "final_train_loss": loss,
+        "heldout_loss": loss + 0.3,
+        "wer": wer_entry(*WER[stage]),
+        "seconds": 83.4 + STEPS[stage],
+        "export": f"runs/x/{stage}/final",
+    }
     if stage == "second":
         result.update(tokens=30 * 512, skipped_steps=2)
     if stage == "final":
-        result.update(answer={"accuracy": 0.34, "questions": 100, "majority": 0.06},
-                      audio_tokens={"accuracy": 0.9847, "ce": 0.0381, "codes": 8000, "chance": 1 / 4096,
-                                    "majority": 0.4794})
+        result.update(
+            answer={"accuracy": 0.34, "questions": 100, "majority": 0.06},
+            audio_tokens={"accuracy": 0.9847, "ce": 0.0381, "codes": 8000, "chance": 1 / 4096, "majority": 0.4794},
+        )
     return result
 
 
 def make_run(run: Path, stages: tuple[str, ...]) -> None:
-    record = {"recipe": RECIPE.name, "stages": {
-        "before": {"complete": True, "heldout_loss": 9.1, "wer": wer_entry(*WER["before"])}}}
+    record = {
+        "recipe": RECIPE.name,
+        "stages": {"before": {"complete": True, "heldout_loss": 9.1, "wer": wer_entry(*WER["before"])}},
+    }
     for i, stage in enumerate(stages):
         write_stage(run, stage, start_loss=6.0 - i, with_tokens=stage != "asr")
         record["stages"][stage] = stage_result(stage, 2.0 - 0.5 * i)

@@ -19,8 +19,21 @@ STEPS = 24
 
 
 def _command(recipe: str, cache_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "training" / "run.py"), "--stage", "asr", "--recipe", recipe,
-            "--output-dir", str(out), "--cache-dir", str(cache_dir), "--max-steps", str(STEPS), *extra]
+    return [
+        sys.executable,
+        str(ROOT / "training" / "run.py"),
+        "--stage",
+        "asr",
+        "--recipe",
+        recipe,
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+        "--max-steps",
+        str(STEPS),
+        *extra,
+    ]
 
 
 def _losses(out: Path) -> list[float]:

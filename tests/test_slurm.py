@@ -30,8 +30,21 @@ STEPS = 12
 # (measured: 0 for DDP, 1e-6 for ZeRO-3), far below a step's loss change (~0.1).
 LOSS_TOLERANCE = 1e-4
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "ip", "nsenter",
-            "unshare", "runuser", "pkill")
+BINARIES = (
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "srun",
+    "scontrol",
+    "scancel",
+    "sinfo",
+    "ip",
+    "nsenter",
+    "unshare",
+    "runuser",
+    "pkill",
+)
 NODES = ("n1", "n2")
 # Network names carry the owning process id, so two test sessions never touch each other's cluster
 # and leftovers of a killed session are recognized (its process is gone) and removed.
@@ -72,8 +85,18 @@ class Cluster:
         for node in NODES:
             # nsenter (not `ip netns exec`, which remounts /sys and costs slurmd its cgroups); a
             # private UTS namespace gives each node its own hostname.
-            self._daemon(f"slurmd-{node}", ["nsenter", f"--net=/run/netns/{NETNS[node]}", "unshare", "--uts",
-                                            "sh", "-c", f"hostname {node} && exec slurmd -D -N {node} -f {self.conf}"])
+            self._daemon(
+                f"slurmd-{node}",
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{NETNS[node]}",
+                    "unshare",
+                    "--uts",
+                    "sh",
+                    "-c",
+                    f"hostname {node} && exec slurmd -D -N {node} -f {self.conf}",
+                ],
+            )
         self.wait_idle()
 
     def _network(self) -> None:
@@ -105,9 +128,22 @@ class Cluster:
         shutil.chown(mdir, "munge", "munge")
         shutil.chown(key, "munge", "munge")
         self.munge_socket = mdir / "munge.socket"
-        self._daemon("munged", ["runuser", "-u", "munge", "--", "munged", "-F", f"--key-file={key}",
-                                f"--socket={self.munge_socket}", f"--pid-file={mdir / 'munged.pid'}",
-                                f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"])
+        self._daemon(
+            "munged",
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "munged",
+                "-F",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--log-file={mdir / 'munged.log'}",
+                f"--seed-file={mdir / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), 20, "munged did not create its socket")
 
     def _write_conf(self) -> None:
@@ -118,7 +154,7 @@ class Cluster:
         nodes = "\n".join(f"NodeName={n} NodeAddr={a} NodeHostname={n} CPUs=1 State=UNKNOWN" for n, a in ADDRS.items())
         self.conf.write_text(f"""\
 ClusterName=omnitest
-SlurmctldHost={socket.gethostname().split('.')[0]}({BRIDGE_ADDR})
+SlurmctldHost={socket.gethostname().split(".")[0]}({BRIDGE_ADDR})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -135,17 +171,17 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 SchedulerParameters=sched_interval=2,bf_interval=2
-StateSaveLocation={b / 'state'}
-SlurmdSpoolDir={b / 'spool'}/%n
-SlurmctldPidFile={b / 'slurmctld.pid'}
-SlurmdPidFile={b / 'spool'}/slurmd.%n.pid
-SlurmctldLogFile={b / 'log'}/slurmctld.log
-SlurmdLogFile={b / 'log'}/slurmd.%n.log
+StateSaveLocation={b / "state"}
+SlurmdSpoolDir={b / "spool"}/%n
+SlurmctldPidFile={b / "slurmctld.pid"}
+SlurmdPidFile={b / "spool"}/slurmd.%n.pid
+SlurmctldLogFile={b / "log"}/slurmctld.log
+SlurmdLogFile={b / "log"}/slurmd.%n.log
 SlurmctldTimeout=30
 SlurmdTimeout=30
 KillWait=30
 {nodes}
-PartitionName=omni Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=omni Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _daemon(self, name: str, cmd: list[str]) -> None:
@@ -168,6 +204,7 @@ PartitionName=omni Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
             out = _run("sinfo", "-h", "-N", "-o", "%N %T", check=False, env=self.env).stdout.split()
             states = dict(zip(out[::2], out[1::2]))
             return all(states.get(n, "").startswith("idle") for n in NODES)
+
         self._wait(idle, timeout, "the two nodes did not come up idle")
 
     def logs(self) -> str:
@@ -230,8 +267,10 @@ def _delete_stale_clusters() -> None:
 
 def _delete_stale_networks() -> None:
     """Namespaces and bridges of earlier sessions that died before their teardown."""
+
     def dead(pid: str) -> bool:
         return not Path(f"/proc/{pid}").exists()
+
     namespaces = _run("ip", "netns", "list", check=False).stdout.split()
     bridges = _run("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
     owners = {m.group(1) for m in re.finditer(r"^o(\d+)n\d+\b", "\n".join(namespaces), re.M)}
@@ -257,8 +296,11 @@ def cluster(tmp_path_factory):
         pytest.skip("the two-node SLURM cluster needs root (network namespaces, slurmd)")
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
-        pytest.fail(f"SLURM test cluster: missing {', '.join(missing)}; install them with "
-                    f"`apt-get install -y slurm-wlm munge iproute2 util-linux procps` (.ci/run does)", pytrace=False)
+        pytest.fail(
+            f"SLURM test cluster: missing {', '.join(missing)}; install them with "
+            f"`apt-get install -y slurm-wlm munge iproute2 util-linux procps` (.ci/run does)",
+            pytrace=False,
+        )
     base = Path(f"/tmp/omni-slurm-{os.getpid()}")  # short: unix socket paths have a length limit
     if base.exists():
         shutil.rmtree(base)
@@ -275,19 +317,42 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def job_env(cluster) -> dict[str, str]:
     """What a user would export before sbatch (it passes the environment on to the job)."""
-    return {**cluster.env, "GLOO_SOCKET_IFNAME": "eth0",  # each node's one interface in its namespace
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **cluster.env,
+        "GLOO_SOCKET_IFNAME": "eth0",  # each node's one interface in its namespace
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _training_args(recipe: str, cache_dir: Path, out: Path) -> list[str]:
-    return ["--stage", "asr", "--recipe", recipe, "--output-dir", str(out), "--cache-dir", str(cache_dir),
-            "--max-steps", str(STEPS)]
+    return [
+        "--stage",
+        "asr",
+        "--recipe",
+        recipe,
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+        "--max-steps",
+        str(STEPS),
+    ]
 
 
 def _submit(env: dict[str, str], logs: Path, *args: str, profile: str = CPU_PROFILE) -> str:
     """sbatch the project's script as it is: only sbatch options and script arguments."""
-    out = _run("sbatch", "--parsable", f"--output={logs}/slurm-%j.out", str(SBATCH),
-               "--config", profile, *args, env=env, cwd=ROOT)
+    out = _run(
+        "sbatch",
+        "--parsable",
+        f"--output={logs}/slurm-%j.out",
+        str(SBATCH),
+        "--config",
+        profile,
+        *args,
+        env=env,
+        cwd=ROOT,
+    )
     return out.stdout.strip().split(";")[0]
 
 
@@ -324,8 +389,12 @@ def built_cache(quick_recipe, cache_dir, tmp_path_factory) -> Path:
     from training.engine.sources import load_data_and_pretrained
     from training.recipe_file import load_recipe
 
-    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path_factory.mktemp("unused"),
-                     cache_dir=cache_dir, accelerator=Accelerator())
+    ctx = RunContext(
+        recipe=load_recipe(quick_recipe),
+        output_dir=tmp_path_factory.mktemp("unused"),
+        cache_dir=cache_dir,
+        accelerator=Accelerator(),
+    )
     load_data_and_pretrained(ctx)
     return cache_dir
 
@@ -346,8 +415,9 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
     text = _text(log)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-4000:]
     # each node's task reports the machine rank it launched with: its own SLURM_NODEID
-    assert (re.search(r"^node n1 machine_rank 0$", text, re.M)
-            and re.search(r"^node n2 machine_rank 1$", text, re.M)), text[-4000:]
+    assert re.search(r"^node n1 machine_rank 0$", text, re.M) and re.search(r"^node n2 machine_rank 1$", text, re.M), (
+        text[-4000:]
+    )
     assert "2 nodes x 1 processes" in text and f"main n1 ({ADDRS['n1']}:" in text
     assert (out / "asr" / "checkpoints" / "latest").exists()
     assert (out / "asr" / "final" / "omni_config.json").exists()
@@ -356,11 +426,31 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
     # the same global batch on one node with two processes (torchrun, gloo over loopback)
     reference = tmp_path / "one-node"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["accelerate", "launch", "--config_file", CPU_PROFILE, "--num_machines", "1",
-                           "--num_processes", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
-                           "--main_process_port", str(_free_port()), "training/run.py",
-                           *_training_args(quick_recipe, cache_dir, reference)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            CPU_PROFILE,
+            "--num_machines",
+            "1",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            "0",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(_free_port()),
+            "training/run.py",
+            *_training_args(quick_recipe, cache_dir, reference),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     two_nodes, one_node = _losses(out), _losses(reference)
     assert len(two_nodes) == len(one_node) == STEPS
@@ -369,8 +459,9 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
     assert worst <= LOSS_TOLERANCE, list(zip(two_nodes, one_node))
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, job_env, two_node_run, quick_recipe, cache_dir,
-                                                        tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes(
+    cluster, job_env, two_node_run, quick_recipe, cache_dir, tmp_path
+):
     out = tmp_path / "run"
     job_id = _submit(job_env, tmp_path, *_training_args(quick_recipe, cache_dir, out))
     log = tmp_path / f"slurm-{job_id}.out"
@@ -404,8 +495,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, job_env, two_no
 def test_two_node_zero3_job_matches_ddp(cluster, job_env, two_node_run, quick_recipe, cache_dir, tmp_path):
     """The GPU cluster profile's code path (DeepSpeed ZeRO-3, standard multi-node launcher) on CPU."""
     out = tmp_path / "run"
-    job_id = _submit(job_env, tmp_path, *_training_args(quick_recipe, cache_dir, out),
-                     profile="accelerate_configs/multinode_cpu_zero3.yaml")
+    job_id = _submit(
+        job_env,
+        tmp_path,
+        *_training_args(quick_recipe, cache_dir, out),
+        profile="accelerate_configs/multinode_cpu_zero3.yaml",
+    )
     log = tmp_path / f"slurm-{job_id}.out"
     job = _wait_done(cluster, job_id, log)
     text = _text(log)

@@ -28,29 +28,160 @@ from training.stages import TASKS
 V = VocabLayout()
 
 # a known 3-frame answer: 7 codes per frame (codebook edges 0 and 4095 included)
-CODES = torch.tensor([
-    [0, 4095, 17, 300, 1234, 2048, 9],
-    [1, 4094, 18, 301, 1235, 2049, 10],
-    [2, 4093, 19, 302, 1236, 2050, 11],
-])
+CODES = torch.tensor(
+    [
+        [0, 4095, 17, 300, 1234, 2048, 9],
+        [1, 4094, 18, 301, 1235, 2049, 10],
+        [2, 4093, 19, 302, 1236, 2050, 11],
+    ]
+)
 CODES_STR = "# 0 4095 17 300 1234 2048 9 # 1 4094 18 301 1235 2049 10 # 2 4093 19 302 1236 2050 11"
 
 # task_example(V, "a1a2", 1, [5, 6], CODES): 4 prompt columns | 11 answer columns (3 frames + 8)
 A1A2_IDS = [
     # input_a pad_a  eoa  answer_a | layer i: (i+1) pad_a, 3 codes, eoa, (6-i) pad_a
-    [156098, 156097, 156096, 156099,  156097, 152000, 152001, 152002, 156096, 156097, 156097, 156097, 156097, 156097, 156097],  # A0  # noqa: E501
-    [160258, 160257, 160256, 160259,  160257, 160257, 160255, 160254, 160253, 160256, 160257, 160257, 160257, 160257, 160257],  # A1  # noqa: E501
-    [164418, 164417, 164416, 164419,  164417, 164417, 164417, 160337, 160338, 160339, 164416, 164417, 164417, 164417, 164417],  # A2  # noqa: E501
-    [168578, 168577, 168576, 168579,  168577, 168577, 168577, 168577, 164780, 164781, 164782, 168576, 168577, 168577, 168577],  # A3  # noqa: E501
-    [172738, 172737, 172736, 172739,  172737, 172737, 172737, 172737, 172737, 169874, 169875, 169876, 172736, 172737, 172737],  # A4  # noqa: E501
-    [176898, 176897, 176896, 176899,  176897, 176897, 176897, 176897, 176897, 176897, 174848, 174849, 174850, 176896, 176897],  # A5  # noqa: E501
-    [181058, 181057, 181056, 181059,  181057, 181057, 181057, 181057, 181057, 181057, 181057, 176969, 176970, 176971, 181056],  # A6  # noqa: E501
+    [
+        156098,
+        156097,
+        156096,
+        156099,
+        156097,
+        152000,
+        152001,
+        152002,
+        156096,
+        156097,
+        156097,
+        156097,
+        156097,
+        156097,
+        156097,
+    ],  # A0  # noqa: E501
+    [
+        160258,
+        160257,
+        160256,
+        160259,
+        160257,
+        160257,
+        160255,
+        160254,
+        160253,
+        160256,
+        160257,
+        160257,
+        160257,
+        160257,
+        160257,
+    ],  # A1  # noqa: E501
+    [
+        164418,
+        164417,
+        164416,
+        164419,
+        164417,
+        164417,
+        164417,
+        160337,
+        160338,
+        160339,
+        164416,
+        164417,
+        164417,
+        164417,
+        164417,
+    ],  # A2  # noqa: E501
+    [
+        168578,
+        168577,
+        168576,
+        168579,
+        168577,
+        168577,
+        168577,
+        168577,
+        164780,
+        164781,
+        164782,
+        168576,
+        168577,
+        168577,
+        168577,
+    ],  # A3  # noqa: E501
+    [
+        172738,
+        172737,
+        172736,
+        172739,
+        172737,
+        172737,
+        172737,
+        172737,
+        172737,
+        169874,
+        169875,
+        169876,
+        172736,
+        172737,
+        172737,
+    ],  # A4  # noqa: E501
+    [
+        176898,
+        176897,
+        176896,
+        176899,
+        176897,
+        176897,
+        176897,
+        176897,
+        176897,
+        176897,
+        174848,
+        174849,
+        174850,
+        176896,
+        176897,
+    ],  # A5  # noqa: E501
+    [
+        181058,
+        181057,
+        181056,
+        181059,
+        181057,
+        181057,
+        181057,
+        181057,
+        181057,
+        181057,
+        181057,
+        176969,
+        176970,
+        176971,
+        181056,
+    ],  # A6  # noqa: E501
     # input_t pad_t  eot  answer_t | 5, 6, eot, then pad_t
-    [151938, 151937, 151936, 151939,  5, 6, 151936, 151937, 151937, 151937, 151937, 151937, 151937, 151937, 151937],  # text  # noqa: E501
+    [
+        151938,
+        151937,
+        151936,
+        151939,
+        5,
+        6,
+        151936,
+        151937,
+        151937,
+        151937,
+        151937,
+        151937,
+        151937,
+        151937,
+        151937,
+    ],  # text  # noqa: E501
 ]
 
 
 # -- the delay ----------------------------------------------------------------------------------
+
 
 def test_a1a2_three_frames_exact_ids_labels_and_mask():
     ex = task_example(V, "a1a2", 1, [5, 6], CODES)
@@ -105,12 +236,15 @@ def test_undelay_rejects_malformed_blocks():
 
 def test_undelay_of_immediate_eoa_is_no_frames():
     # a model that ends its speech at once: each layer's delay, eoa, then pads
-    rows = [[152000 + 4160 * i + 4097] * (i + 1) + [152000 + 4160 * i + 4096] + [152000 + 4160 * i + 4097] * (6 - i)
-            for i in range(7)]
+    rows = [
+        [152000 + 4160 * i + 4097] * (i + 1) + [152000 + 4160 * i + 4096] + [152000 + 4160 * i + 4097] * (6 - i)
+        for i in range(7)
+    ]
     assert undelay_audio(V, torch.tensor(rows)).shape == (0, 7)
 
 
 # -- answer_snac strings -----------------------------------------------------------------------
+
 
 def test_answer_snac_parses_to_the_known_codes():
     assert torch.equal(parse_answer_snac(CODES_STR, "row 0"), CODES)
@@ -118,20 +252,23 @@ def test_answer_snac_parses_to_the_known_codes():
     assert format_answer_snac(CODES) == CODES_STR
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("", "answer_snac is empty"),
-    ("   ", "answer_snac is empty"),
-    (None, "must be a string, got NoneType"),
-    ("#", "holds no frames"),
-    ("# 1 2 3 4 5 6 # 1 2 3 4 5 6 7", "frame 0 has 6 codes, expected 7"),
-    ("# 1 2 3 4 5 6 7 # 1 2 3 4 5 6 7 8", "frame 1 has 8 codes, expected 7"),
-    ("# 1 2 3 4 5 6 7 # # 1 2 3 4 5 6 7", "frame 1 has 0 codes"),
-    ("# 1 2 x 4 5 6 7", "frame 0: 'x' is not an integer code"),
-    ("# 1 2 3 4 5 6 2.5", "'2.5' is not an integer code"),
-    ("# 1 2 3 4 5 6 7 # 1 2 3 4096 5 6 7", "frame 1: code 4096 outside"),
-    ("# 1 2 3 4 5 6 -1", "frame 0: code -1 outside"),
-    ("1 2 3 4 5 6 7", "must start with '#'"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", "answer_snac is empty"),
+        ("   ", "answer_snac is empty"),
+        (None, "must be a string, got NoneType"),
+        ("#", "holds no frames"),
+        ("# 1 2 3 4 5 6 # 1 2 3 4 5 6 7", "frame 0 has 6 codes, expected 7"),
+        ("# 1 2 3 4 5 6 7 # 1 2 3 4 5 6 7 8", "frame 1 has 8 codes, expected 7"),
+        ("# 1 2 3 4 5 6 7 # # 1 2 3 4 5 6 7", "frame 1 has 0 codes"),
+        ("# 1 2 x 4 5 6 7", "frame 0: 'x' is not an integer code"),
+        ("# 1 2 3 4 5 6 2.5", "'2.5' is not an integer code"),
+        ("# 1 2 3 4 5 6 7 # 1 2 3 4096 5 6 7", "frame 1: code 4096 outside"),
+        ("# 1 2 3 4 5 6 -1", "frame 0: code -1 outside"),
+        ("1 2 3 4 5 6 7", "must start with '#'"),
+    ],
+)
 def test_bad_answer_snac_is_rejected_naming_the_row(text, problem):
     where = "dataset qa, row 12, column 'answer_snac'"
     with pytest.raises(ValueError) as err:
@@ -141,9 +278,13 @@ def test_bad_answer_snac_is_rejected_naming_the_row(text, problem):
 
 # -- SNAC levels <-> 7 codes per frame -----------------------------------------------------------
 
+
 def test_flatten_order_is_l0_l1_l2_l2_l1_l2_l2():
-    levels = [torch.tensor([[1, 2]]), torch.tensor([[10, 11, 12, 13]]),
-              torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27]])]
+    levels = [
+        torch.tensor([[1, 2]]),
+        torch.tensor([[10, 11, 12, 13]]),
+        torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27]]),
+    ]
     flat = flatten_snac(levels)
     assert flat.tolist() == [[1, 10, 20, 21, 11, 22, 23], [2, 12, 24, 25, 13, 26, 27]]
     back = unflatten_snac(flat)
@@ -187,6 +328,7 @@ def test_real_snac_24khz_codec_round_trip():
 
 
 # -- labels per task -------------------------------------------------------------------------
+
 
 def scored(ex):
     return {tuple(p) for p in (ex.labels != IGNORE).nonzero().tolist()}
@@ -238,8 +380,9 @@ def test_a1a2_labels_and_a_text_longer_than_the_speech():
     # columns hold pad_a and are not scored
     long = task_example(V, "a1a2", 2, list(range(10)), CODES[:1])
     assert long.input_ids.shape == (8, 5 + 11)
-    assert scored(long) == ({(row, col) for row in range(7) for col in range(5, 14)}
-                            | {(TEXT_ROW, c) for c in range(5, 16)})
+    assert scored(long) == (
+        {(row, col) for row in range(7) for col in range(5, 14)} | {(TEXT_ROW, c) for c in range(5, 16)}
+    )
     assert long.input_ids[:7, 14:].tolist() == [[152000 + 4160 * i + 4097] * 2 for i in range(7)]
     assert long.input_ids[6, 13] == 152000 + 6 * 4160 + 4096  # layer 6's eoa ends the block
     assert torch.equal(undelay_audio(V, long.input_ids[:, 5:]), CODES[:1])

@@ -21,7 +21,10 @@ def test_seed_table_matches_published_recipe():
 
 def test_stage_trainable_modules():
     assert {s.name: s.trainable for s in SEED_STAGES} == {
-        "asr": ("adapter",), "second": ("llm",), "final": ("adapter", "llm")}
+        "asr": ("adapter",),
+        "second": ("llm",),
+        "final": ("adapter", "llm"),
+    }
 
 
 def test_demo_scales_only_steps():
@@ -50,8 +53,9 @@ def test_lr_schedule_boundaries(spec):
 
 def test_recipe_file_overrides_and_types(tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"base": "demo", "batch_size": 8,
-                                "stages": {"asr": {"max_steps": 50, "min_steps": 10}}}))
+    path.write_text(
+        json.dumps({"base": "demo", "batch_size": 8, "stages": {"asr": {"max_steps": 50, "min_steps": 10}}})
+    )
     recipe = load_recipe(str(path))
     assert recipe.batch_size == 8 and recipe.stage("asr").max_steps == 50
     assert recipe.stage("asr").lr_peak == 1e-3  # untouched fields stay the seed's

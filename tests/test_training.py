@@ -20,6 +20,7 @@ from training.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 @pytest.fixture(scope="session")
 def three_stages(quick_recipe, cache_dir, tmp_path_factory) -> Path:
     """`--stage all` once for the session; tests read its run directory."""
@@ -69,8 +70,13 @@ def test_stages_train_only_their_modules(three_stages):
 def test_asr_stage_keeps_encoder_and_llm_bit_identical(quick_recipe, cache_dir, tmp_path):
     """asr trains the adapter (and, by the stage table, only the text-special rows of the LLM's
     embedding and output layer); every other weight is bit-identical afterwards."""
-    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
-                     accelerator=Accelerator(), max_steps=10)
+    ctx = RunContext(
+        recipe=load_recipe(quick_recipe),
+        output_dir=tmp_path,
+        cache_dir=cache_dir,
+        accelerator=Accelerator(),
+        max_steps=10,
+    )
     load_data_and_pretrained(ctx)
     run = StageRun(ctx, "asr")
     assert run.spec.train_text_specials
@@ -99,8 +105,13 @@ def test_asr_stage_keeps_encoder_and_llm_bit_identical(quick_recipe, cache_dir, 
 
 
 def test_export_reloads_with_same_heldout_loss(three_stages, quick_recipe, cache_dir, tmp_path):
-    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
-                     accelerator=Accelerator(), init_from=three_stages / "final" / "final")
+    ctx = RunContext(
+        recipe=load_recipe(quick_recipe),
+        output_dir=tmp_path,
+        cache_dir=cache_dir,
+        accelerator=Accelerator(),
+        init_from=three_stages / "final" / "final",
+    )
     load_data_and_pretrained(ctx)
     run = StageRun(ctx, "final")
     run.setup()
@@ -112,10 +123,22 @@ def test_export_reloads_with_same_heldout_loss(three_stages, quick_recipe, cache
 
 def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch",
-         "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "training" / "run.py"),
-         "--stage", "final", "--output-dir", str(tmp_path / "empty")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "accelerate_configs" / "cpu.yaml"),
+            str(ROOT / "training" / "run.py"),
+            "--stage",
+            "final",
+            "--output-dir",
+            str(tmp_path / "empty"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -129,8 +152,18 @@ def test_wer_gate_stops_a_multi_stage_run(quick_recipe, cache_dir, tmp_path, cap
     raw["stages"]["asr"].update(max_wer=0.01, max_steps=5, min_steps=5, warmup_steps=2)
     recipe = tmp_path / "gated.json"
     recipe.write_text(json.dumps(raw))
-    code = main(["--stage", "all", "--recipe", str(recipe), "--output-dir", str(tmp_path / "run"),
-                 "--cache-dir", str(cache_dir)])
+    code = main(
+        [
+            "--stage",
+            "all",
+            "--recipe",
+            str(recipe),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--cache-dir",
+            str(cache_dir),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 3
     assert "heldout WER" in out and "above the stage's gate 0.010" in out
@@ -138,12 +171,20 @@ def test_wer_gate_stops_a_multi_stage_run(quick_recipe, cache_dir, tmp_path, cap
     assert not (tmp_path / "run" / "second").exists()
 
 
-@pytest.mark.parametrize("stage, previous, frozen", [("second", "asr", ("encoder.", "adapter.")),
-                                                      ("final", "second", ("encoder.",))])
-def test_later_stages_keep_their_frozen_modules(three_stages, quick_recipe, cache_dir, tmp_path, stage, previous,
-                                                frozen):
-    ctx = RunContext(recipe=load_recipe(quick_recipe), output_dir=tmp_path, cache_dir=cache_dir,
-                     accelerator=Accelerator(), max_steps=5, init_from=three_stages / previous / "final")
+@pytest.mark.parametrize(
+    "stage, previous, frozen", [("second", "asr", ("encoder.", "adapter.")), ("final", "second", ("encoder.",))]
+)
+def test_later_stages_keep_their_frozen_modules(
+    three_stages, quick_recipe, cache_dir, tmp_path, stage, previous, frozen
+):
+    ctx = RunContext(
+        recipe=load_recipe(quick_recipe),
+        output_dir=tmp_path,
+        cache_dir=cache_dir,
+        accelerator=Accelerator(),
+        max_steps=5,
+        init_from=three_stages / previous / "final",
+    )
     load_data_and_pretrained(ctx)
     run = StageRun(ctx, stage)
     run.setup()
@@ -214,8 +255,15 @@ def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
 
     model, tokenizer, _ = load_omni(three_stages / "final" / "final")
     wav = tmp_path / "answer.wav"
-    text, frames = speak(model, tokenizer, load_codec(None), text="what is the opposite of hot", task="t1a2",
-                         wav_path=wav, max_new_tokens=40)
+    text, frames = speak(
+        model,
+        tokenizer,
+        load_codec(None),
+        text="what is the opposite of hot",
+        task="t1a2",
+        wav_path=wav,
+        max_new_tokens=40,
+    )
     samples, rate = sf.read(wav)
     # A 150-step model may still end every layer early (frames can be 0); tests/test_inference.py
     # decodes a model trained to certainty, frame for frame.

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 LogFn = Callable[[str], None]  # where long work reports its progress (print, or the run's logger)
 RECORD = "run_record.json"  # a run directory's record of every stage boundary (written by the engine)

@@ -13,13 +13,12 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from training.stages import RECIPES, STAGE_NAMES, Recipe, RecipeError
-
-
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

@@ -28,34 +28,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=f"stage table (steps: min-max; the LR schedule spans max):\n\n{tables}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stage", choices=[*STAGE_NAMES, "all"],
-                        help="stage to run, or all three in order (required unless --dry-run, where it defaults to all)")
+    parser.add_argument(
+        "--stage",
+        choices=[*STAGE_NAMES, "all"],
+        help="stage to run, or all three in order (required unless --dry-run, where it defaults to all)",
+    )
     parser.add_argument("--recipe", default="demo", help=f"built-in recipe {sorted(RECIPES)} or a JSON recipe file")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, exports, record)")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, exports, record)"
+    )
     parser.add_argument("--init-from", type=Path, help="start the (first) stage from this stage export instead")
     parser.add_argument("--encoder", help="Whisper checkpoint (path or hub id); overrides the recipe")
     parser.add_argument("--llm", help="Qwen2 checkpoint (path or hub id); overrides the recipe")
     parser.add_argument("--dataset", help="datasets source: save_to_disk folder, audiofolder or hub id")
     parser.add_argument("--audio-column", help="audio column name (default: audio)")
     parser.add_argument("--text-column", help="transcript column name (default: text)")
-    parser.add_argument("--qa-dataset", help="spoken QA source for the later stages' tasks (our schema or "
-                        "VoiceAssistant-400K's), or 'none'; default: the embedded QA corpus with the embedded ASR corpus")
-    parser.add_argument("--codec", help="SNAC 24 kHz checkpoint (path or hub id) to encode answer audio; "
-                        "default: seeded random weights")
+    parser.add_argument(
+        "--qa-dataset",
+        help="spoken QA source for the later stages' tasks (our schema or "
+        "VoiceAssistant-400K's), or 'none'; default: the embedded QA corpus with the embedded ASR corpus",
+    )
+    parser.add_argument(
+        "--codec", help="SNAC 24 kHz checkpoint (path or hub id) to encode answer audio; default: seeded random weights"
+    )
     parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps")
-    parser.add_argument("--resume", choices=["auto", "never"], default="auto",
-                        help="auto: continue from the latest checkpoint; never: refuse a run dir that has one")
+    parser.add_argument(
+        "--resume",
+        choices=["auto", "never"],
+        default="auto",
+        help="auto: continue from the latest checkpoint; never: refuse a run dir that has one",
+    )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus, stand-ins and feature cache")
-    parser.add_argument("--validate-data", action="store_true",
-                        help="check every row of every split (columns, audio, rates, lengths, transcripts) and exit")
-    parser.add_argument("--prepare", action="store_true",
-                        help="encode every split into the feature cache (what the stages would do first) and exit")
+    parser.add_argument(
+        "--validate-data",
+        action="store_true",
+        help="check every row of every split (columns, audio, rates, lengths, transcripts) and exit",
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="encode every split into the feature cache (what the stages would do first) and exit",
+    )
     parser.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) rows that fail the checks")
-    parser.add_argument("--report-to", default="tensorboard",
-                        help="Accelerate trackers: tensorboard (default), wandb, mlflow, ..., comma-separated, or none")
+    parser.add_argument(
+        "--report-to",
+        default="tensorboard",
+        help="Accelerate trackers: tensorboard (default), wandb, mlflow, ..., comma-separated, or none",
+    )
     dry = parser.add_argument_group("dry run (no launcher needed, nothing trained or downloaded)")
-    dry.add_argument("--dry-run", action="store_true",
-                     help="build the model on the meta device, print parameters, memory per GPU and tokens per step, exit")
+    dry.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model on the meta device, print parameters, memory per GPU and tokens per step, exit",
+    )
     dry.add_argument("--gpus", type=int, default=8, help="GPUs per node to size for (default 8)")
     dry.add_argument("--nodes", type=int, default=1, help="nodes to size for (default 1)")
     dry.add_argument("--speech-seconds", type=float, help="typical utterance length (default 10)")
@@ -74,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
-        data_changes = {k: v for k, v in (("dataset", args.dataset), ("audio_column", args.audio_column),
-                                          ("text_column", args.text_column), ("qa_dataset", args.qa_dataset),
-                                          ("codec", args.codec)) if v is not None}
+        data_changes = {
+            k: v
+            for k, v in (
+                ("dataset", args.dataset),
+                ("audio_column", args.audio_column),
+                ("text_column", args.text_column),
+                ("qa_dataset", args.qa_dataset),
+                ("codec", args.codec),
+            )
+            if v is not None
+        }
         if args.skip_bad_rows:
             data_changes["skip_bad_rows"] = True
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))
@@ -87,35 +120,54 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:  # before any Accelerator exists: plain `python training/run.py --dry-run` works
         from training.model.dry_run import main_dry_run
+
         return main_dry_run(recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens)
 
     # Heavy imports only once the arguments are known to be good.
     from training.data.checks import DataError
     from training.engine.boundary import format_wer_table, write_run_report
-    from training.engine.context import (REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, RunContext, StageOrderError,
-                                         WerGateFailed)
+    from training.engine.context import (
+        REQUEUE_EXIT_CODE,
+        NonFiniteLoss,
+        Preempted,
+        RunContext,
+        StageOrderError,
+        WerGateFailed,
+    )
     from training.engine.launch import make_accelerator
     from training.engine.prepare import prepare_only, validate_only
     from training.engine.sources import load_data_and_pretrained
     from training.engine.stage import run_stage
     from training.engine.weights import initial_weights
 
-    accelerator = make_accelerator(recipe, "none" if args.validate_data or args.prepare else args.report_to,
-                                   args.output_dir)
-    ctx = RunContext(recipe=recipe, output_dir=args.output_dir, cache_dir=args.cache_dir, accelerator=accelerator,
-                     init_from=args.init_from, max_steps=args.max_steps, resume=args.resume)
+    accelerator = make_accelerator(
+        recipe, "none" if args.validate_data or args.prepare else args.report_to, args.output_dir
+    )
+    ctx = RunContext(
+        recipe=recipe,
+        output_dir=args.output_dir,
+        cache_dir=args.cache_dir,
+        accelerator=accelerator,
+        init_from=args.init_from,
+        max_steps=args.max_steps,
+        resume=args.resume,
+    )
     stages = list(STAGE_NAMES) if args.stage in ("all", None) else [args.stage]
-    ctx.log(f"recipe '{recipe.name}', stages {stages}, output {args.output_dir}\n"
-            f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
-            f"precision {accelerator.mixed_precision}, global batch {recipe.batch_size} x {recipe.grad_accum} accumulation\n"
-            f"{format_stage_table(recipe)}")
+    ctx.log(
+        f"recipe '{recipe.name}', stages {stages}, output {args.output_dir}\n"
+        f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}), "
+        f"precision {accelerator.mixed_precision}, "
+        f"global batch {recipe.batch_size} x {recipe.grad_accum} accumulation\n"
+        f"{format_stage_table(recipe)}"
+    )
     if args.validate_data:
         return validate_only(ctx)
     if args.prepare:
         return prepare_only(ctx)
     # Trackers (TensorBoard by default: <output-dir>/tensorboard) get scalars only.
-    accelerator.init_trackers("tensorboard", config={k: v for k, v in recipe.to_dict().items()
-                                                     if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers(
+        "tensorboard", config={k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
+    )
     code = 0
     try:
         initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from

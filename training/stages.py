@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 STAGE_NAMES: tuple[str, ...] = ("asr", "second", "final")
 MODULES: tuple[str, ...] = ("encoder", "adapter", "llm")
@@ -62,16 +63,26 @@ class StageSpec:
             raise RecipeError(f"{where}: need 0 < lr_init, lr_floor <= lr_peak")
         unknown = set(self.trainable) - set(MODULES) | ({"encoder"} & set(self.trainable))
         if unknown or not self.trainable:
-            raise RecipeError(f"{where}: trainable must be a non-empty subset of ('adapter', 'llm'), got {self.trainable}")
+            raise RecipeError(
+                f"{where}: trainable must be a non-empty subset of ('adapter', 'llm'), got {self.trainable}"
+            )
         bad_tasks = set(self.task_mix) - set(TASKS)
-        if bad_tasks or not self.task_mix or any(w < 0 for w in self.task_mix.values()) or sum(self.task_mix.values()) <= 0:
-            raise RecipeError(f"{where}: task_mix must map tasks {TASKS} to non-negative weights, got {dict(self.task_mix)}")
+        if (
+            bad_tasks
+            or not self.task_mix
+            or any(w < 0 for w in self.task_mix.values())
+            or sum(self.task_mix.values()) <= 0
+        ):
+            raise RecipeError(
+                f"{where}: task_mix must map tasks {TASKS} to non-negative weights, got {dict(self.task_mix)}"
+            )
         if self.eval_every <= 0 or self.early_stop_patience <= 0:
             raise RecipeError(f"{where}: eval_every and early_stop_patience must be positive")
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr_init: float, lr_peak: float,
-                  lr_floor: float) -> float:
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, lr_init: float, lr_peak: float, lr_floor: float
+) -> float:
     """The one LR schedule, a pure function of the optimizer step (so resuming needs only the step).
 
     Linear warm-up from lr_init to lr_peak over warmup_steps, then cosine decay to lr_floor at
@@ -95,27 +106,50 @@ SEED_STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         name="asr",
         description="modality alignment: adapter learns to feed speech to the frozen LLM",
-        min_steps=10_000, max_steps=20_000, lr_init=4e-6, lr_peak=1e-3,
-        warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("adapter",), train_text_specials=True, task_mix={"asr": 1.0},
-        eval_every=1_000, early_stop_patience=3, max_wer=None,
+        min_steps=10_000,
+        max_steps=20_000,
+        lr_init=4e-6,
+        lr_peak=1e-3,
+        warmup_steps=1_000,
+        lr_floor=4e-6,
+        trainable=("adapter",),
+        train_text_specials=True,
+        task_mix={"asr": 1.0},
+        eval_every=1_000,
+        early_stop_patience=3,
+        max_wer=None,
     ),
     StageSpec(
         name="second",
         description="adaption: LLM learns to answer from speech features (ASR kept in the mix)",
-        min_steps=20_000, max_steps=30_000, lr_init=4e-6, lr_peak=4e-4,
-        warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("llm",), train_text_specials=False, task_mix={"asr": 0.5, "a1t2": 0.35, "t1t2": 0.15},
-        eval_every=1_000, early_stop_patience=3, max_wer=None,
+        min_steps=20_000,
+        max_steps=30_000,
+        lr_init=4e-6,
+        lr_peak=4e-4,
+        warmup_steps=1_000,
+        lr_floor=4e-6,
+        trainable=("llm",),
+        train_text_specials=False,
+        task_mix={"asr": 0.5, "a1t2": 0.35, "t1t2": 0.15},
+        eval_every=1_000,
+        early_stop_patience=3,
+        max_wer=None,
     ),
     StageSpec(
         name="final",
         description="multimodal finetuning: adapter + LLM (encoder stays frozen)",
-        min_steps=50_000, max_steps=60_000, lr_init=4e-6, lr_peak=4e-4,
-        warmup_steps=1_000, lr_floor=4e-6,
-        trainable=("adapter", "llm"), train_text_specials=False,
+        min_steps=50_000,
+        max_steps=60_000,
+        lr_init=4e-6,
+        lr_peak=4e-4,
+        warmup_steps=1_000,
+        lr_floor=4e-6,
+        trainable=("adapter", "llm"),
+        train_text_specials=False,
         task_mix={"asr": 0.4, "a1t2": 0.15, "t1t2": 0.05, "a1a2": 0.2, "t1a2": 0.2},
-        eval_every=2_000, early_stop_patience=3, max_wer=None,
+        eval_every=2_000,
+        early_stop_patience=3,
+        max_wer=None,
     ),
 )
 
@@ -190,7 +224,9 @@ class Recipe:
         if (self.encoder is None) != (self.llm is None):
             raise RecipeError(f"recipe '{self.name}': give both encoder and llm, or neither (demo stand-ins)")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise RecipeError(f"recipe '{self.name}': precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+            raise RecipeError(
+                f"recipe '{self.name}': precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}"
+            )
         if self.nonfinite_patience < 1:
             raise RecipeError(f"recipe '{self.name}': nonfinite_patience must be >= 1")
         if self.standin_scale not in ("full", "quick") or self.corpus_scale not in ("full", "quick"):
@@ -200,11 +236,18 @@ class Recipe:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def scale_steps(stages: tuple[StageSpec, ...], divisor: int, warmup_steps: int, eval_every: int) -> tuple[StageSpec, ...]:
+def scale_steps(
+    stages: tuple[StageSpec, ...], divisor: int, warmup_steps: int, eval_every: int
+) -> tuple[StageSpec, ...]:
     """Divide every stage's step range by `divisor`; LRs, task mix and modules stay the seed's."""
     return tuple(
-        replace(s, min_steps=s.min_steps // divisor, max_steps=s.max_steps // divisor,
-                warmup_steps=warmup_steps, eval_every=eval_every)
+        replace(
+            s,
+            min_steps=s.min_steps // divisor,
+            max_steps=s.max_steps // divisor,
+            warmup_steps=warmup_steps,
+            eval_every=eval_every,
+        )
         for s in stages
     )
 

@@ -7,8 +7,8 @@ Prepared rows (training/data/features.py) in; padded batches of the five tasks' 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -16,8 +16,16 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from training.data.checks import DataError
-from training.speech.layout import (IGNORE, N_AUDIO_LAYERS, SPEECH_IN_TASKS, Example, VocabLayout, n_adapter_frames,
-                                    pad_token_column, task_example)
+from training.speech.layout import (
+    IGNORE,
+    N_AUDIO_LAYERS,
+    SPEECH_IN_TASKS,
+    Example,
+    VocabLayout,
+    n_adapter_frames,
+    pad_token_column,
+    task_example,
+)
 from training.stages import TASKS
 
 
@@ -62,14 +70,25 @@ class TaskMixture(torch.utils.data.Dataset):
     than its source has rows. The list is fixed for the stage, so resuming needs only the sampler's
     position; the length-grouped sampler reshuffles it every epoch."""
 
-    def __init__(self, asr: datasets.Dataset, qa: datasets.Dataset | None, task_mix: dict[str, float], seed: int,
-                 frame_stack: int) -> None:
+    def __init__(
+        self,
+        asr: datasets.Dataset,
+        qa: datasets.Dataset | None,
+        task_mix: dict[str, float],
+        seed: int,
+        frame_stack: int,
+    ) -> None:
         self.sources = {"asr": asr, "qa": qa}
         speech_out = qa is not None and int(np.max(qa["n_codes"])) > 0
-        usable = {t: w for t, w in task_mix.items() if w > 0 and (t == "asr" or qa is not None)
-                  and (t not in ("a1a2", "t1a2") or speech_out)}
+        usable = {
+            t: w
+            for t, w in task_mix.items()
+            if w > 0 and (t == "asr" or qa is not None) and (t not in ("a1a2", "t1a2") or speech_out)
+        }
         if not usable:
-            raise DataError(f"task mix {dict(task_mix)}: no task has data (QA data: {'yes' if qa is not None else 'none'})")
+            raise DataError(
+                f"task mix {dict(task_mix)}: no task has data (QA data: {'yes' if qa is not None else 'none'})"
+            )
         self.dropped = sorted(set(t for t, w in task_mix.items() if w > 0) - set(usable))
         size = len(asr) + (len(qa) if qa is not None else 0)
         total = sum(usable.values())
@@ -87,7 +106,9 @@ class TaskMixture(torch.utils.data.Dataset):
     def _lengths(self, frame_stack: int) -> np.ndarray:
         """Approximate positions per item, for grouping similar lengths into a batch."""
         asr, qa = self.sources["asr"], self.sources["qa"]
-        asr_len = np.array([n_adapter_frames(int(n), frame_stack) + len(t) for n, t in zip(asr["n_frames"], asr["text_ids"])])
+        asr_len = np.array(
+            [n_adapter_frames(int(n), frame_stack) + len(t) for n, t in zip(asr["n_frames"], asr["text_ids"])]
+        )
         if qa is not None:
             speech = np.array([n_adapter_frames(int(n), frame_stack) for n in qa["n_frames"]])
             question = np.array([len(q) for q in qa["question_ids"]])
@@ -128,7 +149,9 @@ class SpeechTextCollator:
         task = self.task or row.get("task", "asr")
         n_frames = int(row["n_frames"])
         speech_in = task in SPEECH_IN_TASKS
-        question: int | list[int] = n_adapter_frames(n_frames, self.frame_stack) if speech_in else row["question_ids"].tolist()
+        question: int | list[int] = (
+            n_adapter_frames(n_frames, self.frame_stack) if speech_in else row["question_ids"].tolist()
+        )
         if "text_ids" in row:  # an ASR row
             if task != "asr":
                 raise DataError(f"an ASR row (audio + transcript) cannot serve task '{task}'")
@@ -159,8 +182,12 @@ class SpeechTextCollator:
             audio_mask[i, :t] = e.audio_mask
             states[i, :n] = torch.from_numpy(np.asarray(r["encoder_states"], dtype=np.float32)[:n])
         return {
-            "input_ids": input_ids, "labels": labels, "attention_mask": attention, "audio_mask": audio_mask,
-            "encoder_states": states, "encoder_lengths": torch.tensor([n for _, n, _ in laid_out]),
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "audio_mask": audio_mask,
+            "encoder_states": states,
+            "encoder_lengths": torch.tensor([n for _, n, _ in laid_out]),
             "texts": [ref for _, _, ref in laid_out],  # reference answers (transcripts for asr), for evaluation
             "task_ids": torch.tensor([TASKS.index(self.task or r.get("task", "asr")) for r in rows]),
         }
@@ -173,15 +200,31 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def train_loader(dataset: datasets.Dataset | TaskMixture, layout: VocabLayout, frame_stack: int, batch_size: int,
-                 seed: int, num_workers: int = 0) -> DataLoader:
+def train_loader(
+    dataset: datasets.Dataset | TaskMixture,
+    layout: VocabLayout,
+    frame_stack: int,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+) -> DataLoader:
     lengths = dataset.lengths if isinstance(dataset, TaskMixture) else dataset["n_frames"]
     sampler = LengthGroupedSampler(lengths, batch_size, seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      collate_fn=SpeechTextCollator(layout, frame_stack), worker_init_fn=_ignore_stop_signals)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        collate_fn=SpeechTextCollator(layout, frame_stack),
+        worker_init_fn=_ignore_stop_signals,
+    )
 
 
-def eval_loader(prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int,
-                task: str | None = None) -> DataLoader:
+def eval_loader(
+    prepared: datasets.Dataset, layout: VocabLayout, frame_stack: int, batch_size: int, task: str | None = None
+) -> DataLoader:
     """In dataset order (no shuffle) so every utterance is scored exactly once."""
-    return DataLoader(prepared, batch_size=batch_size, shuffle=False, collate_fn=SpeechTextCollator(layout, frame_stack, task))
+    return DataLoader(
+        prepared, batch_size=batch_size, shuffle=False, collate_fn=SpeechTextCollator(layout, frame_stack, task)
+    )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -24,20 +25,26 @@ class DataError(ValueError):
     """Bad input data; the message names the dataset, split, row and field."""
 
 
-
 def check_column_types(ds: datasets.Dataset, where: str, spec: DataSpec) -> None:
     """The audio column holds Audio (or its undecoded {bytes, path} struct); the text column strings."""
     audio, text = ds.features[spec.audio_column], ds.features[spec.text_column]
     is_struct = isinstance(audio, dict) and {"bytes", "path"} <= set(audio)
     if not isinstance(audio, datasets.Audio) and not is_struct:
-        raise DataError(f"{where}, column '{spec.audio_column}': expected an Audio column (or {{bytes, path}}), got {audio}")
+        raise DataError(
+            f"{where}, column '{spec.audio_column}': expected an Audio column (or {{bytes, path}}), got {audio}"
+        )
     if not (isinstance(text, datasets.Value) and text.dtype in ("string", "large_string")):
         raise DataError(f"{where}, column '{spec.text_column}': expected a string column, got {text}")
 
 
-
-def read_row(audio: Any, text: Any, row: str, spec: DataSpec, sampling_rate: int, max_samples: int,
-             ) -> tuple[np.ndarray, str, int]:
+def read_row(
+    audio: Any,
+    text: Any,
+    row: str,
+    spec: DataSpec,
+    sampling_rate: int,
+    max_samples: int,
+) -> tuple[np.ndarray, str, int]:
     """(samples at sampling_rate, stripped transcript, source rate), or DataError naming row and field."""
     where = f"{row}, column '{spec.audio_column}'"
     try:
@@ -46,8 +53,10 @@ def read_row(audio: Any, text: Any, row: str, spec: DataSpec, sampling_rate: int
     except ValueError as err:
         raise DataError(str(err)) from err
     if len(wave) > max_samples:
-        raise DataError(f"{where}: audio is {len(wave) / sampling_rate:.1f} s, longer than the encoder's "
-                        f"{max_samples / sampling_rate:.0f} s window (trim or split long clips, or pass --skip-bad-rows)")
+        raise DataError(
+            f"{where}: audio is {len(wave) / sampling_rate:.1f} s, longer than the encoder's "
+            f"{max_samples / sampling_rate:.0f} s window (trim or split long clips, or pass --skip-bad-rows)"
+        )
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{row}, column '{spec.text_column}': empty or missing transcript {text!r}")
     if not normalize(text):
@@ -64,10 +73,14 @@ def read_qa_row(row: dict, name: str, spec: DataSpec, sampling_rate: int, max_sa
         if not isinstance(text, str) or not normalize(text):
             raise DataError(f"{name}, column '{column}': empty or missing text {text!r}")
         out[column] = text.strip()
-    wave, _, source_rate = read_row(row[spec.question_audio_column], out[spec.question_column], name,
-                                    dataclasses.replace(spec, audio_column=spec.question_audio_column,
-                                                        text_column=spec.question_column),
-                                    sampling_rate, max_samples)
+    wave, _, source_rate = read_row(
+        row[spec.question_audio_column],
+        out[spec.question_column],
+        name,
+        dataclasses.replace(spec, audio_column=spec.question_audio_column, text_column=spec.question_column),
+        sampling_rate,
+        max_samples,
+    )
     out["wave"], out["source_rate"], out["codes"] = wave, source_rate, None
     snac = row.get(spec.answer_snac_column)
     if snac is not None:
@@ -94,8 +107,10 @@ class ValidationReport:
         resampled = sum(n for r, n in self.source_rates.items() if r != sampling_rate)
         lengths = f", {min(self.seconds):.1f}-{max(self.seconds):.1f} s" if self.seconds else ""
         scope = f"all {self.rows:,}" if self.checked == self.rows else f"a sample of {self.checked:,} of {self.rows:,}"
-        return (f"{self.where}: checked {scope} rows: {len(self.bad)} bad; sample rates {rates or '-'}"
-                f" ({resampled} resampled to {sampling_rate} Hz){lengths}")
+        return (
+            f"{self.where}: checked {scope} rows: {len(self.bad)} bad; sample rates {rates or '-'}"
+            f" ({resampled} resampled to {sampling_rate} Hz){lengths}"
+        )
 
 
 RowCheck = Callable[[dict, str], tuple[float, int]]  # (row, name) -> (seconds, source rate), or DataError
@@ -105,6 +120,7 @@ def asr_row_check(spec: DataSpec, sampling_rate: int, max_samples: int) -> RowCh
     def check(row: dict, name: str) -> tuple[float, int]:
         wave, _, rate = read_row(row[spec.audio_column], row[spec.text_column], name, spec, sampling_rate, max_samples)
         return len(wave) / sampling_rate, rate
+
     return check
 
 
@@ -112,13 +128,16 @@ def qa_row_check(spec: DataSpec, sampling_rate: int, max_samples: int) -> RowChe
     def check(row: dict, name: str) -> tuple[float, int]:
         parsed = read_qa_row(row, name, spec, sampling_rate, max_samples)
         return len(parsed["wave"]) / sampling_rate, parsed["source_rate"]
+
     return check
 
 
 def validate_split(ds: datasets.Dataset, where: str, check: RowCheck, max_rows: int | None = None) -> ValidationReport:
     """Decode and check rows (all, or max_rows spread evenly over the split) without encoding them."""
     n = len(ds)
-    indices = list(range(n)) if max_rows is None or n <= max_rows else np.linspace(0, n - 1, max_rows).astype(int).tolist()
+    indices = (
+        list(range(n)) if max_rows is None or n <= max_rows else np.linspace(0, n - 1, max_rows).astype(int).tolist()
+    )
     report = ValidationReport(where=where, rows=n, checked=len(indices))
     for i in indices:
         try:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import numpy as np
@@ -52,11 +53,14 @@ class FeatureEncoder:
     def states(self, waves: list[np.ndarray], where: str) -> tuple[list[np.ndarray], list[int]]:
         """Each wave's encoder states, cut to the frames that carry it, and those frame counts."""
         sr = self.sampling_rate
-        features = self.feature_extractor(waves, sampling_rate=sr, return_tensors="pt",
-                                          padding="max_length").input_features
+        features = self.feature_extractor(
+            waves, sampling_rate=sr, return_tensors="pt", padding="max_length"
+        ).input_features
         if features.shape[-1] != self.n_mel_frames:
-            raise DataError(f"{where}: feature extractor gives {features.shape[-1]} mel frames, "
-                            f"the encoder needs {self.n_mel_frames}")
+            raise DataError(
+                f"{where}: feature extractor gives {features.shape[-1]} mel frames, "
+                f"the encoder needs {self.n_mel_frames}"
+            )
         states = self.encode(features).float().numpy()
         lengths = [n_encoder_frames(len(w), sr, self.n_mel_frames // 2) for w in waves]
         return [s[:n] for s, n in zip(states, lengths)], lengths
@@ -66,16 +70,28 @@ class FeatureEncoder:
 
     def key(self, *parts: Any) -> str:
         """Cache key of a split's features: the given parts plus the encoder and tokenizer identity."""
-        payload = [*parts, self.encoder_key, tokenizer_key(self.tokenizer), self.feature_extractor.to_json_string(),
-                   self.n_mel_frames]
+        payload = [
+            *parts,
+            self.encoder_key,
+            tokenizer_key(self.tokenizer),
+            self.feature_extractor.to_json_string(),
+            self.n_mel_frames,
+        ]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def cached_map(self, ds: datasets.Dataset, process: Callable, key: str, prefix: str, where: str,
-                   batch_size: int) -> datasets.Dataset:
+    def cached_map(
+        self, ds: datasets.Dataset, process: Callable, key: str, prefix: str, where: str, batch_size: int
+    ) -> datasets.Dataset:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         prepared = ds.map(
-            process, batched=True, batch_size=batch_size, with_indices=True, remove_columns=ds.column_names,
-            new_fingerprint=key, cache_file_name=str(self.cache_dir / f"{prefix}-{key}.arrow"), desc=f"encoding {where}",
+            process,
+            batched=True,
+            batch_size=batch_size,
+            with_indices=True,
+            remove_columns=ds.column_names,
+            new_fingerprint=key,
+            cache_file_name=str(self.cache_dir / f"{prefix}-{key}.arrow"),
+            desc=f"encoding {where}",
         )
         if len(prepared) == 0:
             raise DataError(f"{where}: no usable rows ({len(ds)} rows, all bad)")
@@ -94,8 +110,9 @@ def _kept_rows(rows: list[tuple[int, Any]], read: Callable[[int, Any], Any], ski
     return kept
 
 
-def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, encoder: FeatureEncoder,
-                  batch_size: int = 32) -> datasets.Dataset:
+def prepare_split(
+    ds: datasets.Dataset, where: str, spec: DataSpec, encoder: FeatureEncoder, batch_size: int = 32
+) -> datasets.Dataset:
     """ASR rows of (encoder_states [n_frames, d], n_frames, text_ids, text), computed once and cached.
 
     A bad row stops preparation with its name, or with spec.skip_bad_rows is left out (the
@@ -117,8 +134,9 @@ def prepare_split(ds: datasets.Dataset, where: str, spec: DataSpec, encoder: Fea
     return prepared.with_format("numpy", columns=["encoder_states", "n_frames", "text_ids"], output_all_columns=True)
 
 
-def prepare_qa_split(ds: datasets.Dataset, where: str, spec: DataSpec, encoder: FeatureEncoder,
-                     batch_size: int = 32) -> datasets.Dataset:
+def prepare_qa_split(
+    ds: datasets.Dataset, where: str, spec: DataSpec, encoder: FeatureEncoder, batch_size: int = 32
+) -> datasets.Dataset:
     """QA rows of (question encoder states, n_frames, question_ids, answer_ids, answer codes flattened
     with n_codes frames, question, answer), computed once with datasets.map and cached."""
     sr, window = encoder.sampling_rate, encoder.feature_extractor.n_samples
@@ -134,11 +152,23 @@ def prepare_qa_split(ds: datasets.Dataset, where: str, spec: DataSpec, encoder: 
 
     def process(batch: dict, indices: list[int]) -> dict:
         columns = list(batch)
-        kept = _kept_rows(list(zip(indices, (dict(zip(columns, v)) for v in zip(*batch.values())))), read,
-                          spec.skip_bad_rows)
+        kept = _kept_rows(
+            list(zip(indices, (dict(zip(columns, v)) for v in zip(*batch.values())))), read, spec.skip_bad_rows
+        )
         if not kept:
-            return {k: [] for k in ("encoder_states", "n_frames", "question_ids", "answer_ids", "codes", "n_codes",
-                                    "question", "answer")}
+            return {
+                k: []
+                for k in (
+                    "encoder_states",
+                    "n_frames",
+                    "question_ids",
+                    "answer_ids",
+                    "codes",
+                    "n_codes",
+                    "question",
+                    "answer",
+                )
+            }
         states, lengths = encoder.states([p["wave"] for p in kept], where)
         return {
             "encoder_states": states,
@@ -152,8 +182,11 @@ def prepare_qa_split(ds: datasets.Dataset, where: str, spec: DataSpec, encoder: 
         }
 
     prepared = encoder.cached_map(ds, process, key, "prepared-qa", where, batch_size)
-    return prepared.with_format("numpy", columns=["encoder_states", "n_frames", "question_ids", "answer_ids", "codes",
-                                                  "n_codes"], output_all_columns=True)
+    return prepared.with_format(
+        "numpy",
+        columns=["encoder_states", "n_frames", "question_ids", "answer_ids", "codes", "n_codes"],
+        output_all_columns=True,
+    )
 
 
 def _answer_codes_reader(spec: DataSpec) -> Callable[[dict, dict, str], np.ndarray]:

@@ -10,8 +10,8 @@ columns undecoded (soundfile decodes them later: no FFmpeg needed).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import datasets
 
@@ -38,8 +38,9 @@ def load_source(where: str) -> datasets.DatasetDict:
 def asr_splits(source: datasets.DatasetDict, name: str, spec: DataSpec) -> dict[str, datasets.Dataset]:
     """The training split and the evaluation splits (audio + transcript), audio column undecoded."""
     splits = {}
-    for split, where, ds in _required_splits(source, name, (spec.train_split, spec.heldout_split, spec.dev_split),
-                                             (spec.audio_column, spec.text_column)):
+    for split, where, ds in _required_splits(
+        source, name, (spec.train_split, spec.heldout_split, spec.dev_split), (spec.audio_column, spec.text_column)
+    ):
         check_column_types(ds, where, spec)
         splits[split] = _undecoded_and_cut(ds, split, spec, (spec.audio_column,))
     return splits
@@ -49,10 +50,17 @@ def qa_splits(source: datasets.DatasetDict, name: str, spec: DataSpec) -> dict[s
     """Spoken question answering splits, our schema or VoiceAssistant-400K's; answer speech as
     answer_snac strings or as answer audio."""
     splits = {}
-    for split, where, ds in _required_splits(source, name, (spec.train_split, spec.heldout_split),
-                                             (spec.question_column, spec.question_audio_column, spec.answer_column)):
-        check_column_types(ds, where, dataclasses.replace(spec, audio_column=spec.question_audio_column,
-                                                          text_column=spec.question_column))
+    for split, where, ds in _required_splits(
+        source,
+        name,
+        (spec.train_split, spec.heldout_split),
+        (spec.question_column, spec.question_audio_column, spec.answer_column),
+    ):
+        check_column_types(
+            ds,
+            where,
+            dataclasses.replace(spec, audio_column=spec.question_audio_column, text_column=spec.question_column),
+        )
         for column in (spec.answer_column, spec.answer_snac_column):
             feature = ds.features.get(column)
             if feature is not None and not (isinstance(feature, datasets.Value) and "string" in feature.dtype):
@@ -65,8 +73,9 @@ def has_answer_speech(ds: datasets.Dataset, spec: DataSpec) -> bool:
     return spec.answer_snac_column in ds.column_names or spec.answer_audio_column in ds.column_names
 
 
-def _required_splits(source: datasets.DatasetDict, name: str, split_names: Sequence[str | None],
-                     columns: Sequence[str]) -> Iterator[tuple[str, str, datasets.Dataset]]:
+def _required_splits(
+    source: datasets.DatasetDict, name: str, split_names: Sequence[str | None], columns: Sequence[str]
+) -> Iterator[tuple[str, str, datasets.Dataset]]:
     """(split, "dataset 'name', split 'split'", dataset) for each named split, which must exist
     and hold `columns`; the error names what is missing and what is there."""
     for split in dict.fromkeys(s for s in split_names if s):
@@ -79,7 +88,9 @@ def _required_splits(source: datasets.DatasetDict, name: str, split_names: Seque
         yield split, where, ds
 
 
-def _undecoded_and_cut(ds: datasets.Dataset, split: str, spec: DataSpec, audio_columns: Sequence[str]) -> datasets.Dataset:
+def _undecoded_and_cut(
+    ds: datasets.Dataset, split: str, spec: DataSpec, audio_columns: Sequence[str]
+) -> datasets.Dataset:
     """Audio columns left undecoded (we decode ourselves: no FFmpeg needed); evaluation splits cut
     to spec.max_eval_examples."""
     for column in audio_columns:

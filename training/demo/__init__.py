@@ -42,9 +42,16 @@ def demo_qa(cache_dir: Path, scale: str, log: LogFn) -> datasets.DatasetDict:
     return build_qa_corpus(cache_dir, qa_corpus_config(scale), log=log)
 
 
-def demo_pretrained(train: datasets.Dataset, cache_dir: Path, scale: str, lm_texts: int, corpus_scale: str,
-                    qa_train: list[tuple[str, str]], qa_heldout: list[tuple[str, str]],
-                    log: LogFn) -> tuple[Path, Path]:
+def demo_pretrained(
+    train: datasets.Dataset,
+    cache_dir: Path,
+    scale: str,
+    lm_texts: int,
+    corpus_scale: str,
+    qa_train: list[tuple[str, str]],
+    qa_heldout: list[tuple[str, str]],
+    log: LogFn,
+) -> tuple[Path, Path]:
     """The stand-in (encoder_dir, llm_dir), trained once on `train` at "full" or "quick" scale.
 
     The LLM also reads `lm_texts` text-only sentences of the corpus grammar (never a dev or held-out
@@ -57,5 +64,6 @@ def demo_pretrained(train: datasets.Dataset, cache_dir: Path, scale: str, lm_tex
 
     config = FULL_STANDINS if scale == "full" else QUICK_STANDINS
     extra = text_only_sentences(corpus_config(corpus_scale), lm_texts)
-    return build_standins(train, cache_dir, config, log=log, extra_texts=extra, qa_pairs=qa_train,
-                          qa_heldback=qa_heldout)
+    return build_standins(
+        train, cache_dir, config, log=log, extra_texts=extra, qa_pairs=qa_train, qa_heldback=qa_heldout
+    )

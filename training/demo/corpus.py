@@ -94,43 +94,146 @@ def corpus_config(scale: str) -> CorpusConfig:
 _DETERMINERS = ("the", "a", "my", "your", "his", "her", "our", "their", "this", "that")
 _NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _ADJECTIVES = (
-    "small", "big", "red", "blue", "green", "yellow", "black", "white", "old", "new", "happy",
-    "little", "tall", "warm", "cold", "quiet", "loud", "bright", "dark", "soft", "young", "funny",
-    "clever", "hungry", "tired", "brown",
+    "small",
+    "big",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "old",
+    "new",
+    "happy",
+    "little",
+    "tall",
+    "warm",
+    "cold",
+    "quiet",
+    "loud",
+    "bright",
+    "dark",
+    "soft",
+    "young",
+    "funny",
+    "clever",
+    "hungry",
+    "tired",
+    "brown",
 )
 _CREATURES = (
-    "dog", "cat", "bird", "horse", "cow", "fish", "mouse", "child", "teacher", "doctor", "farmer",
-    "baby", "girl", "boy", "man", "woman", "friend", "king", "queen", "cook",
+    "dog",
+    "cat",
+    "bird",
+    "horse",
+    "cow",
+    "fish",
+    "mouse",
+    "child",
+    "teacher",
+    "doctor",
+    "farmer",
+    "baby",
+    "girl",
+    "boy",
+    "man",
+    "woman",
+    "friend",
+    "king",
+    "queen",
+    "cook",
 )
 # Objects with their plurals (irregular spellings spelled out; no inflection rules needed).
 _OBJECTS = {
-    "ball": "balls", "book": "books", "cup": "cups", "box": "boxes", "hat": "hats", "car": "cars",
-    "boat": "boats", "chair": "chairs", "table": "tables", "door": "doors", "key": "keys",
-    "apple": "apples", "cake": "cakes", "letter": "letters", "picture": "pictures", "bag": "bags",
-    "lamp": "lamps", "clock": "clocks", "shoe": "shoes", "coat": "coats", "bottle": "bottles",
-    "flower": "flowers", "stone": "stones",
+    "ball": "balls",
+    "book": "books",
+    "cup": "cups",
+    "box": "boxes",
+    "hat": "hats",
+    "car": "cars",
+    "boat": "boats",
+    "chair": "chairs",
+    "table": "tables",
+    "door": "doors",
+    "key": "keys",
+    "apple": "apples",
+    "cake": "cakes",
+    "letter": "letters",
+    "picture": "pictures",
+    "bag": "bags",
+    "lamp": "lamps",
+    "clock": "clocks",
+    "shoe": "shoes",
+    "coat": "coats",
+    "bottle": "bottles",
+    "flower": "flowers",
+    "stone": "stones",
 }
 _PLACES = (
-    "house", "garden", "park", "river", "school", "market", "kitchen", "forest", "city", "village",
-    "beach", "hill", "road", "bridge", "station", "shop", "farm", "library", "field", "lake",
+    "house",
+    "garden",
+    "park",
+    "river",
+    "school",
+    "market",
+    "kitchen",
+    "forest",
+    "city",
+    "village",
+    "beach",
+    "hill",
+    "road",
+    "bridge",
+    "station",
+    "shop",
+    "farm",
+    "library",
+    "field",
+    "lake",
 )
 # Verbs as (third person singular, base form).
 _INTRANSITIVE = (
-    ("runs", "run"), ("walks", "walk"), ("sleeps", "sleep"), ("sings", "sing"), ("jumps", "jump"),
-    ("waits", "wait"), ("swims", "swim"), ("sits", "sit"), ("plays", "play"), ("dances", "dance"),
-    ("laughs", "laugh"), ("works", "work"),
+    ("runs", "run"),
+    ("walks", "walk"),
+    ("sleeps", "sleep"),
+    ("sings", "sing"),
+    ("jumps", "jump"),
+    ("waits", "wait"),
+    ("swims", "swim"),
+    ("sits", "sit"),
+    ("plays", "play"),
+    ("dances", "dance"),
+    ("laughs", "laugh"),
+    ("works", "work"),
 )
 _TRANSITIVE = (
-    ("sees", "see"), ("likes", "like"), ("finds", "find"), ("takes", "take"), ("opens", "open"),
-    ("carries", "carry"), ("wants", "want"), ("holds", "hold"), ("buys", "buy"), ("paints", "paint"),
-    ("cleans", "clean"), ("brings", "bring"), ("watches", "watch"), ("needs", "need"),
+    ("sees", "see"),
+    ("likes", "like"),
+    ("finds", "find"),
+    ("takes", "take"),
+    ("opens", "open"),
+    ("carries", "carry"),
+    ("wants", "want"),
+    ("holds", "hold"),
+    ("buys", "buy"),
+    ("paints", "paint"),
+    ("cleans", "clean"),
+    ("brings", "bring"),
+    ("watches", "watch"),
+    ("needs", "need"),
 )
 _MOTION_PREPOSITIONS = ("to", "into", "across", "from", "near", "behind")
 _LOCATION_PREPOSITIONS = ("in", "on", "near", "under", "behind", "by")
 _ADVERBS = ("quickly", "slowly", "quietly", "happily", "often", "always", "never", "sometimes", "now")
 _TIMES = (
-    ("in", "the", "morning"), ("in", "the", "evening"), ("at", "night"), ("every", "day"),
-    ("after", "lunch"), ("before", "dinner"), ("today",), ("on", "sunday"),
+    ("in", "the", "morning"),
+    ("in", "the", "evening"),
+    ("at", "night"),
+    ("every", "day"),
+    ("after", "lunch"),
+    ("before", "dinner"),
+    ("today",),
+    ("on", "sunday"),
 )
 _PLURAL_PRONOUNS = ("we", "they", "you")
 _SINGULAR_PRONOUNS = ("he", "she")
@@ -167,8 +270,13 @@ def _sentence(rng: random.Random) -> list[str]:
     kind = rng.randrange(9)
     if kind == 0:  # the small dog runs to the red house
         verb = _pick(rng, [v for v, _ in _INTRANSITIVE])
-        return [*_noun_phrase(rng, _CREATURES), verb, _pick(rng, _MOTION_PREPOSITIONS),
-                *_noun_phrase(rng, _PLACES), *_tail(rng)]
+        return [
+            *_noun_phrase(rng, _CREATURES),
+            verb,
+            _pick(rng, _MOTION_PREPOSITIONS),
+            *_noun_phrase(rng, _PLACES),
+            *_tail(rng),
+        ]
     if kind == 1:  # the teacher sleeps quietly
         verb = _pick(rng, [v for v, _ in _INTRANSITIVE])
         return [*_noun_phrase(rng, _CREATURES), verb, *(_tail(rng) or [_pick(rng, _ADVERBS)])]
@@ -185,21 +293,36 @@ def _sentence(rng: random.Random) -> list[str]:
         return [subject, verb, *_noun_phrase(rng, _things()), *_tail(rng)]
     if kind == 4:  # there are three red apples on the table
         if rng.random() < 0.5:
-            return ["there", "is", *_noun_phrase(rng, _things()), _pick(rng, _LOCATION_PREPOSITIONS),
-                    *_noun_phrase(rng, _PLACES, 0.3)]
+            return [
+                "there",
+                "is",
+                *_noun_phrase(rng, _things()),
+                _pick(rng, _LOCATION_PREPOSITIONS),
+                *_noun_phrase(rng, _PLACES, 0.3),
+            ]
         plural = _OBJECTS[_pick(rng, tuple(_OBJECTS))]
         adjective = [_pick(rng, _ADJECTIVES)] if rng.random() < 0.5 else []
-        return ["there", "are", _pick(rng, _NUMBERS), *adjective, plural,
-                _pick(rng, _LOCATION_PREPOSITIONS), *_noun_phrase(rng, _PLACES, 0.3)]
+        return [
+            "there",
+            "are",
+            _pick(rng, _NUMBERS),
+            *adjective,
+            plural,
+            _pick(rng, _LOCATION_PREPOSITIONS),
+            *_noun_phrase(rng, _PLACES, 0.3),
+        ]
     if kind == 5:  # the cat is very hungry today
         very = ["very"] if rng.random() < 0.4 else []
-        return [*_noun_phrase(rng, _CREATURES, 0.3), "is", *very, _pick(rng, _ADJECTIVES),
-                *_tail(rng, adverbs=False)]
+        return [*_noun_phrase(rng, _CREATURES, 0.3), "is", *very, _pick(rng, _ADJECTIVES), *_tail(rng, adverbs=False)]
     if kind == 6:  # where is the red cup / is the dog in the park
         if rng.random() < 0.5:
             return ["where", "is", *_noun_phrase(rng, _things())]
-        return ["is", *_noun_phrase(rng, _things()), _pick(rng, _LOCATION_PREPOSITIONS),
-                *_noun_phrase(rng, _PLACES, 0.3)]
+        return [
+            "is",
+            *_noun_phrase(rng, _things()),
+            _pick(rng, _LOCATION_PREPOSITIONS),
+            *_noun_phrase(rng, _PLACES, 0.3),
+        ]
     if kind == 7:  # can you see the big tree near the river
         words = ["can", "you", _TRANSITIVE[rng.randrange(len(_TRANSITIVE))][1], *_noun_phrase(rng, _things())]
         if rng.random() < 0.4:
@@ -207,8 +330,14 @@ def _sentence(rng: random.Random) -> list[str]:
         return words
     # the cat and the dog play in the park
     base = _INTRANSITIVE[rng.randrange(len(_INTRANSITIVE))][1]
-    return [*_noun_phrase(rng, _CREATURES, 0.3), "and", *_noun_phrase(rng, _CREATURES, 0.3), base,
-            _pick(rng, _LOCATION_PREPOSITIONS), *_noun_phrase(rng, _PLACES, 0.0)]
+    return [
+        *_noun_phrase(rng, _CREATURES, 0.3),
+        "and",
+        *_noun_phrase(rng, _CREATURES, 0.3),
+        base,
+        _pick(rng, _LOCATION_PREPOSITIONS),
+        *_noun_phrase(rng, _PLACES, 0.0),
+    ]
 
 
 def make_sentences(n: int, seed: int, min_words: int = 4, max_words: int = 10) -> list[str]:
@@ -220,8 +349,10 @@ def make_sentences(n: int, seed: int, min_words: int = 4, max_words: int = 10) -
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise RuntimeError(f"the sentence grammar yielded only {len(out)} distinct sentences of "
-                               f"{min_words}-{max_words} words; asked for {n}")
+            raise RuntimeError(
+                f"the sentence grammar yielded only {len(out)} distinct sentences of "
+                f"{min_words}-{max_words} words; asked for {n}"
+            )
         words = _sentence(rng)
         if not min_words <= len(words) <= max_words:
             continue
@@ -249,7 +380,7 @@ def split_sentences(config: CorpusConfig) -> dict[str, list[str]]:
     pools: dict[str, list[str]] = {}
     start = 0
     for name in SPLITS:
-        pools[name] = pool[start:start + sizes[name]]
+        pools[name] = pool[start : start + sizes[name]]
         start += sizes[name]
     train = set(pools["train"])
     # Distinct by construction; asserted because every held-out claim rests on it.
@@ -285,8 +416,9 @@ def corpus_dir(cache_dir: str | Path, config: CorpusConfig = CorpusConfig()) -> 
     return Path(cache_dir) / f"corpus-{config_hash(config)}"
 
 
-_FEATURES = Features({"audio": {"bytes": Value("binary"), "path": Value("string")},
-                      "text": Value("string"), "speaker": Value("string")})
+_FEATURES = Features(
+    {"audio": {"bytes": Value("binary"), "path": Value("string")}, "text": Value("string"), "speaker": Value("string")}
+)
 
 
 def audio_dataset(columns: dict[str, list], features: Features, audio_columns: Sequence[str]) -> Dataset:
@@ -301,8 +433,9 @@ def audio_dataset(columns: dict[str, list], features: Features, audio_columns: S
     return dataset
 
 
-def _synthesize_split(name: str, sentences: list[str], voices: Sequence[VoiceSpec], config: CorpusConfig,
-                      rng: random.Random) -> dict[str, list]:
+def _synthesize_split(
+    name: str, sentences: list[str], voices: Sequence[VoiceSpec], config: CorpusConfig, rng: random.Random
+) -> dict[str, list]:
     columns: dict[str, list] = {"audio": [], "text": [], "speaker": []}
     for i, text in enumerate(sentences):
         voice = voices[i % len(voices)]  # round-robin: every speaker gets an equal share
@@ -337,13 +470,17 @@ def build_corpus(cache_dir: str | Path, config: CorpusConfig = CorpusConfig(), l
         t0 = time.perf_counter()
         columns = _synthesize_split(name, pools[name], voices[name], config, rng)
         seconds = sum(len(a["bytes"]) - 44 for a in columns["audio"]) / 2 / config.sampling_rate
-        log(f"corpus: synthesized {name}: {len(pools[name])} utterances, {seconds / 60:.1f} min of audio, "
-            f"{len(voices[name])} voices in {time.perf_counter() - t0:.1f} s")
+        log(
+            f"corpus: synthesized {name}: {len(pools[name])} utterances, {seconds / 60:.1f} min of audio, "
+            f"{len(voices[name])} voices in {time.perf_counter() - t0:.1f} s"
+        )
         splits[name] = audio_dataset(columns, _FEATURES, ("audio",))
     with build_once(target, log, "corpus") as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))
-    log(f"corpus: {sum(len(d) for d in splits.values())} utterances ready in "
-        f"{time.perf_counter() - started:.1f} s at {target}")
+    log(
+        f"corpus: {sum(len(d) for d in splits.values())} utterances ready in "
+        f"{time.perf_counter() - started:.1f} s at {target}"
+    )
     return load_corpus(target)
 
 
@@ -352,9 +489,11 @@ def load_corpus(target: Path) -> DatasetDict:
     try:
         corpus = load_from_disk(str(target))
     except Exception as exc:
-        raise RuntimeError(f"cannot load the cached corpus at {target} ({exc}); "
-                           f"delete that folder to rebuild it") from exc
+        raise RuntimeError(
+            f"cannot load the cached corpus at {target} ({exc}); delete that folder to rebuild it"
+        ) from exc
     if not isinstance(corpus, DatasetDict) or set(corpus) != set(SPLITS):
-        raise RuntimeError(f"the cached corpus at {target} does not hold the splits {SPLITS}; "
-                           f"delete that folder to rebuild it")
+        raise RuntimeError(
+            f"the cached corpus at {target} does not hold the splits {SPLITS}; delete that folder to rebuild it"
+        )
     return corpus

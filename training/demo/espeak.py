@@ -72,8 +72,9 @@ class _Espeak:
         try:
             import espeakng_loader
         except ImportError as exc:
-            raise RuntimeError("speech synthesis needs the PyPI package espeakng-loader "
-                               "(pip install espeakng-loader)") from exc
+            raise RuntimeError(
+                "speech synthesis needs the PyPI package espeakng-loader (pip install espeakng-loader)"
+            ) from exc
         lib_path = espeakng_loader.get_library_path()
         try:
             lib = ctypes.CDLL(lib_path)
@@ -87,13 +88,22 @@ class _Espeak:
         lib.espeak_SetVoiceByName.restype = ctypes.c_int
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_SetParameter.restype = ctypes.c_int
-        lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.espeak_Synth.restype = ctypes.c_int
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
         if rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed (returned {rate}); data path "
-                               f"{espeakng_loader.get_data_path()}")
+            raise RuntimeError(
+                f"espeak_Initialize failed (returned {rate}); data path {espeakng_loader.get_data_path()}"
+            )
         self.lib = lib
         self.sample_rate = rate
         self.variants_dir = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
@@ -126,8 +136,7 @@ class _Espeak:
             variant = voice.split("+", 1)[1] if "+" in voice else ""
             # espeak silently ignores an unknown variant ("en+nonsense" speaks plain "en"): check it.
             if variant and not (self.variants_dir / variant).is_file():
-                raise ValueError(f"espeak-ng has no voice variant {variant!r} (in {voice!r}); "
-                                 f"see {self.variants_dir}")
+                raise ValueError(f"espeak-ng has no voice variant {variant!r} (in {voice!r}); see {self.variants_dir}")
             if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise ValueError(f"espeak-ng has no voice {voice!r} (expected e.g. 'en-us+m3')")
             self._voice = voice
@@ -159,7 +168,7 @@ def _trim(samples: np.ndarray, threshold: int, keep: int) -> np.ndarray:
     loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > threshold)
     if loud.size == 0:
         return samples
-    return samples[max(0, loud[0] - keep): loud[-1] + 1 + keep]
+    return samples[max(0, loud[0] - keep) : loud[-1] + 1 + keep]
 
 
 class ClipSettings(Protocol):
@@ -181,11 +190,16 @@ def speak_clip(text: str, voice: str, rate: int, pitch: int, settings: ClipSetti
     max_samples = int(settings.max_seconds * settings.sampling_rate)
     samples = _trim(synthesize(text, voice, rate, pitch), settings.silence_threshold, keep)
     if samples.size > max_samples:
-        samples = _trim(synthesize(text, voice, int(rate * samples.size / max_samples) + 10, pitch),
-                        settings.silence_threshold, keep)
+        samples = _trim(
+            synthesize(text, voice, int(rate * samples.size / max_samples) + 10, pitch),
+            settings.silence_threshold,
+            keep,
+        )
         if samples.size > max_samples:
-            raise RuntimeError(f"{where}: {text!r} is {samples.size / settings.sampling_rate:.2f} s "
-                               f"even spoken fast; max_seconds={settings.max_seconds}")
+            raise RuntimeError(
+                f"{where}: {text!r} is {samples.size / settings.sampling_rate:.2f} s "
+                f"even spoken fast; max_seconds={settings.max_seconds}"
+            )
     return samples
 
 
@@ -195,5 +209,7 @@ def check_voices(train_voices: Sequence[VoiceSpec], heldout_voices: Sequence[Voi
     train_variants = {v.variant for v in train_voices}
     for held in heldout_voices:
         if held.voice in train_ids or held.variant in train_variants:
-            raise ValueError(f"held-out voice {held.voice!r} (variant {held.variant!r}) also occurs in training; "
-                             f"a held-out speaker must be new")
+            raise ValueError(
+                f"held-out voice {held.voice!r} (variant {held.variant!r}) also occurs in training; "
+                f"a held-out speaker must be new"
+            )

@@ -213,8 +213,10 @@ def _n_keywords() -> int:
 def _check_config(config: QACorpusConfig) -> None:
     check_corpus_config(config, unit="row")
     if config.n_train < _n_keywords():
-        raise ValueError(f"n_train={config.n_train} cannot teach all {_n_keywords()} facts; the held-out questions "
-                         f"would ask about facts training never shows (use n_train >= {_n_keywords()})")
+        raise ValueError(
+            f"n_train={config.n_train} cannot teach all {_n_keywords()} facts; the held-out questions "
+            f"would ask about facts training never shows (use n_train >= {_n_keywords()})"
+        )
 
 
 def qa_config_hash(config: QACorpusConfig) -> str:
@@ -268,20 +270,23 @@ def _speak_answers(answers: list[str], config: QACorpusConfig, log: LogFn) -> di
     return out
 
 
-_FEATURES = Features({
-    "question": Value("string"),
-    "question_audio": {"bytes": Value("binary"), "path": Value("string")},
-    "answer": Value("string"),
-    "answer_snac": Value("string"),
-    "answer_audio": {"bytes": Value("binary"), "path": Value("string")},
-    "speaker": Value("string"),
-    "relation": Value("string"),
-    "keyword": Value("string"),
-})
+_FEATURES = Features(
+    {
+        "question": Value("string"),
+        "question_audio": {"bytes": Value("binary"), "path": Value("string")},
+        "answer": Value("string"),
+        "answer_snac": Value("string"),
+        "answer_audio": {"bytes": Value("binary"), "path": Value("string")},
+        "speaker": Value("string"),
+        "relation": Value("string"),
+        "keyword": Value("string"),
+    }
+)
 
 
-def build_qa_corpus(cache_dir: str | Path, config: QACorpusConfig = QACorpusConfig(),
-                    log: LogFn = print) -> DatasetDict:
+def build_qa_corpus(
+    cache_dir: str | Path, config: QACorpusConfig = QACorpusConfig(), log: LogFn = print
+) -> DatasetDict:
     """Build (once) and load the spoken question/answer corpus as a `datasets.DatasetDict`.
 
     Splits "train", "dev", "heldout"; columns as in the module docstring. It lives in
@@ -314,8 +319,9 @@ def build_qa_corpus(cache_dir: str | Path, config: QACorpusConfig = QACorpusConf
             samples = speak_clip(item.question, voice.voice, rate, pitch, config, f"qa {name} row {i}")
             answer_wav, answer_snac = answers[item.answer]
             columns["question"].append(item.question)
-            columns["question_audio"].append({"bytes": wav_bytes(samples, config.sampling_rate),
-                                              "path": f"qa-{name}-{i:05d}.wav"})
+            columns["question_audio"].append(
+                {"bytes": wav_bytes(samples, config.sampling_rate), "path": f"qa-{name}-{i:05d}.wav"}
+            )
             columns["answer"].append(item.answer)
             columns["answer_snac"].append(answer_snac)
             columns["answer_audio"].append({"bytes": answer_wav, "path": f"answer-{item.answer.replace(' ', '_')}.wav"})
@@ -323,15 +329,19 @@ def build_qa_corpus(cache_dir: str | Path, config: QACorpusConfig = QACorpusConf
             columns["relation"].append(item.relation)
             columns["keyword"].append(item.keyword)
         seconds = sum(len(a["bytes"]) - 44 for a in columns["question_audio"]) / 2 / config.sampling_rate
-        log(f"qa corpus: synthesized {name}: {len(rows[name])} questions ({len(set(columns['question']))} distinct), "
-            f"{seconds / 60:.1f} min of audio, {len(voices[name])} voices in {time.perf_counter() - t0:.1f} s")
+        log(
+            f"qa corpus: synthesized {name}: {len(rows[name])} questions ({len(set(columns['question']))} distinct), "
+            f"{seconds / 60:.1f} min of audio, {len(voices[name])} voices in {time.perf_counter() - t0:.1f} s"
+        )
         splits[name] = audio_dataset(columns, _FEATURES, ("question_audio", "answer_audio"))
 
     _check_answerable(splits)
     with build_once(target, log, "qa corpus") as tmp:
         DatasetDict(splits).save_to_disk(str(tmp))
-    log(f"qa corpus: {sum(len(d) for d in splits.values())} rows ready in {time.perf_counter() - started:.1f} s "
-        f"at {target}")
+    log(
+        f"qa corpus: {sum(len(d) for d in splits.values())} rows ready in {time.perf_counter() - started:.1f} s "
+        f"at {target}"
+    )
     return load_corpus(target)
 
 

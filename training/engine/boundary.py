@@ -46,7 +46,9 @@ class StageEvaluation:
         layers' teacher-forced code accuracy and CE (chance: 1/4096)."""
         out, qa = {}, self.loaders.qa
         if "answer" in qa:
-            scores, pairs = answer_accuracy(self.acc, self.model, qa["answer"], self.tokenizer, self.recipe.max_new_tokens)
+            scores, pairs = answer_accuracy(
+                self.acc, self.model, qa["answer"], self.tokenizer, self.recipe.max_new_tokens
+            )
             out["answer"] = scores
             if self.loaders.majority_answer_accuracy is not None:
                 out["answer"]["majority"] = self.loaders.majority_answer_accuracy
@@ -70,8 +72,14 @@ def export_stage(run: StageRun) -> Path:
     if acc.is_main_process:
         part = lambda prefix: {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
         with atomic_dir(final_dir) as tmp:
-            save_omni(acc.unwrap_model(run.model), tmp, run.tokenizer, run.feature_extractor,
-                      llm_state=part("llm."), adapter_state=part("adapter."))
+            save_omni(
+                acc.unwrap_model(run.model),
+                tmp,
+                run.tokenizer,
+                run.feature_extractor,
+                llm_state=part("llm."),
+                adapter_state=part("adapter."),
+            )
     acc.wait_for_everyone()
     return final_dir
 
@@ -81,14 +89,21 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
     recipe, spec, state = run.ctx.recipe, run.spec, run.state
     final_dir = export_stage(run)
     run.save_checkpoint()
-    tail = state["losses"][-recipe.log_every:]
+    tail = state["losses"][-recipe.log_every :]
     wer = run.evaluation.wer()
     result = {
-        "complete": True, "steps": state["step"], "stop_reason": run.stop_reason,
-        "final_train_loss": sum(tail) / max(1, len(tail)), "heldout_loss": run.evaluation.heldout_loss(), "wer": wer,
+        "complete": True,
+        "steps": state["step"],
+        "stop_reason": run.stop_reason,
+        "final_train_loss": sum(tail) / max(1, len(tail)),
+        "heldout_loss": run.evaluation.heldout_loss(),
+        "wer": wer,
         **run.evaluation.qa(),
-        "seconds": round(run.elapsed(), 1), "export": str(final_dir), "tokens": state.get("tokens", 0),
-        "skipped_steps": state["skipped_steps"], "skipped_rows": dict(run.ctx.skipped_rows),
+        "seconds": round(run.elapsed(), 1),
+        "export": str(final_dir),
+        "tokens": state.get("tokens", 0),
+        "skipped_steps": state["skipped_steps"],
+        "skipped_rows": dict(run.ctx.skipped_rows),
     }
     run.ctx.update_record(run.stage, result)
     write_run_report(run.ctx)
@@ -96,7 +111,8 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
     heldout = wer[recipe.data.heldout_split]["wer"]
     if spec.max_wer is not None and heldout > spec.max_wer:
         raise WerGateFailed(
-            f"[{run.stage}] {recipe.data.heldout_split} WER {heldout:.3f} is above the stage's gate {spec.max_wer:.3f}; "
+            f"[{run.stage}] {recipe.data.heldout_split} WER {heldout:.3f} is above the stage's gate "
+            f"{spec.max_wer:.3f}; "
             f"stopping here (the checkpoint and export in {run.dir} are kept)"
         )
     return result
@@ -112,9 +128,12 @@ def log_boundary(run: StageRun, result: dict[str, Any]) -> None:
         boundary[f"{stage}/eval/audio_token_accuracy"] = result["audio_tokens"]["accuracy"]
         boundary[f"{stage}/eval/audio_token_ce"] = result["audio_tokens"]["ce"]
     run.ctx.accelerator.log(boundary | {f"{stage}/eval/heldout_loss": result["heldout_loss"]}, step=run.state["step"])
-    run.log("done: " + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items())
-            + (f", answer accuracy {result['answer']['accuracy']:.3f}" if "answer" in result else "")
-            + (f", audio-token accuracy {result['audio_tokens']['accuracy']:.3f}" if "audio_tokens" in result else ""))
+    run.log(
+        "done: "
+        + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items())
+        + (f", answer accuracy {result['answer']['accuracy']:.3f}" if "answer" in result else "")
+        + (f", audio-token accuracy {result['audio_tokens']['accuracy']:.3f}" if "audio_tokens" in result else "")
+    )
 
 
 def write_run_report(ctx: RunContext) -> None:

@@ -73,11 +73,15 @@ class StageCheckpoints:
     def resume(self, accelerator, path: Path, fingerprint: dict[str, Any], mode: str, stage: str) -> dict[str, Any]:
         """Load checkpoint `path` if the run may resume from it: --resume auto and the same recipe."""
         if mode == "never":
-            raise StageOrderError(f"[{stage}] {self.dir.parent} already holds checkpoints and --resume never was given; "
-                                  f"use a new --output-dir or --resume auto")
+            raise StageOrderError(
+                f"[{stage}] {self.dir.parent} already holds checkpoints and --resume never was given; "
+                f"use a new --output-dir or --resume auto"
+            )
         diffs = changed_fields(json.loads((path / TRAINER_STATE).read_text())["recipe"], fingerprint)
         if diffs:
-            raise StageOrderError(f"[{stage}] refusing to resume from {path}: the recipe changed:\n  " + "\n  ".join(diffs))
+            raise StageOrderError(
+                f"[{stage}] refusing to resume from {path}: the recipe changed:\n  " + "\n  ".join(diffs)
+            )
         return self.load(accelerator, path)
 
     def _prune(self, keep: str) -> None:

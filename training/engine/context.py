@@ -66,6 +66,10 @@ class RunContext:
         """The stage's row of the table, capped by --max-steps."""
         spec = self.recipe.stage(stage)
         if self.max_steps is not None:
-            spec = dataclasses.replace(spec, max_steps=self.max_steps, min_steps=min(spec.min_steps, self.max_steps),
-                                       warmup_steps=min(spec.warmup_steps, self.max_steps - 1))
+            spec = dataclasses.replace(
+                spec,
+                max_steps=self.max_steps,
+                min_steps=min(spec.min_steps, self.max_steps),
+                warmup_steps=min(spec.warmup_steps, self.max_steps - 1),
+            )
         return spec

@@ -20,7 +20,7 @@ class StopSignals:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -41,13 +41,17 @@ def skipped_step(run: StageRun, signals: StopSignals) -> None:
     state, patience = run.state, run.ctx.recipe.nonfinite_patience
     state["skipped_steps"] += 1
     state["nonfinite_in_a_row"] += 1
-    run.log(f"step {state['step'] + 1}: non-finite loss, update skipped "
-            f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in this stage)")
+    run.log(
+        f"step {state['step'] + 1}: non-finite loss, update skipped "
+        f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in this stage)"
+    )
     if state["nonfinite_in_a_row"] >= patience or signals.requested:
         run.save_checkpoint()
     if state["nonfinite_in_a_row"] >= patience:
-        raise NonFiniteLoss(f"[{run.stage}] {patience} steps in a row had a non-finite loss (step {state['step']}); "
-                            f"checkpoint saved in {run.dir}. Lower the LR peak, check the data, or use fp32.")
+        raise NonFiniteLoss(
+            f"[{run.stage}] {patience} steps in a row had a non-finite loss (step {state['step']}); "
+            f"checkpoint saved in {run.dir}. Lower the LR peak, check the data, or use fp32."
+        )
     if signals.requested:
         raise Preempted(signals.requested)
 

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+)
 
 from training.stages import Recipe, RecipeError
 
@@ -41,17 +46,24 @@ def make_accelerator(recipe: Recipe, report_to: str = "none", project_dir: Path 
     # cpu=True turns a torchrun launch on a GPU-less machine into gloo DDP (without it each rank
     # runs alone: doubled work, no gradient averaging); DeepSpeed handles CPU itself and must not get it.
     trackers = [t for t in report_to.split(",") if t and t != "none"]
-    return Accelerator(cpu=on_cpu and not deepspeed, gradient_accumulation_plugin=accumulation,
-                       log_with=trackers or None, project_dir=project_dir,
-                       mixed_precision=resolve_precision(recipe.precision),
-                       dataloader_config=DataLoaderConfiguration(split_batches=True), kwargs_handlers=handlers)
+    return Accelerator(
+        cpu=on_cpu and not deepspeed,
+        gradient_accumulation_plugin=accumulation,
+        log_with=trackers or None,
+        project_dir=project_dir,
+        mixed_precision=resolve_precision(recipe.precision),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=handlers,
+    )
 
 
 def check_launch(acc: Accelerator, recipe: Recipe) -> None:
     """Fail early, naming the knob, where the launch and the recipe disagree."""
     if recipe.batch_size % acc.num_processes or recipe.eval_batch_size % acc.num_processes:
-        raise RecipeError(f"recipe '{recipe.name}': batch_size {recipe.batch_size} and eval_batch_size "
-                          f"{recipe.eval_batch_size} are global and must divide by the {acc.num_processes} processes")
+        raise RecipeError(
+            f"recipe '{recipe.name}': batch_size {recipe.batch_size} and eval_batch_size "
+            f"{recipe.eval_batch_size} are global and must divide by the {acc.num_processes} processes"
+        )
     plugin = acc.state.deepspeed_plugin if acc.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None:
         # The recipe owns clipping; a DeepSpeed JSON with "auto" takes it from here (Accelerate
@@ -60,5 +72,7 @@ def check_launch(acc: Accelerator, recipe: Recipe) -> None:
         if clip == "auto":
             plugin.deepspeed_config["gradient_clipping"] = recipe.max_grad_norm
         elif float(clip) != recipe.max_grad_norm:
-            raise RecipeError(f"DeepSpeed config sets gradient_clipping {clip}, the recipe max_grad_norm "
-                              f"{recipe.max_grad_norm}: set it to \"auto\" in the JSON")
+            raise RecipeError(
+                f"DeepSpeed config sets gradient_clipping {clip}, the recipe max_grad_norm "
+                f'{recipe.max_grad_norm}: set it to "auto" in the JSON'
+            )

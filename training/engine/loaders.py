@@ -27,19 +27,26 @@ class StageLoaders:
     majority_code_accuracy: float | None = None
 
 
-def stage_loaders(recipe: Recipe, spec: StageSpec, prepared: dict[str, Any], layout: VocabLayout,
-                  log: LogFn) -> StageLoaders:
+def stage_loaders(
+    recipe: Recipe, spec: StageSpec, prepared: dict[str, Any], layout: VocabLayout, log: LogFn
+) -> StageLoaders:
     data, k = recipe.data, recipe.frame_stack
     train_set = prepared[data.train_split]
     qa_train, qa_heldout = prepared.get(f"qa:{data.train_split}"), prepared.get(f"qa:{data.heldout_split}")
     if set(spec.task_mix) != {"asr"}:
         train_set = TaskMixture(train_set, qa_train, dict(spec.task_mix), recipe.seed, k)
         counts = collections.Counter(TASKS[t] for t in train_set.items[:, 0])
-        log("task mix: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()) + " items per epoch"
-            + (f" (no data for {', '.join(train_set.dropped)})" if train_set.dropped else ""))
+        log(
+            "task mix: "
+            + ", ".join(f"{t} {n:,}" for t, n in counts.items())
+            + " items per epoch"
+            + (f" (no data for {', '.join(train_set.dropped)})" if train_set.dropped else "")
+        )
     train_dl = train_loader(train_set, layout, k, recipe.batch_size, recipe.seed, recipe.num_workers)
     eval_names = [data.heldout_split] + ([data.dev_split] if data.dev_split else [])
-    loaders = StageLoaders(train_dl, {s: eval_loader(prepared[s], layout, k, recipe.eval_batch_size) for s in eval_names})
+    loaders = StageLoaders(
+        train_dl, {s: eval_loader(prepared[s], layout, k, recipe.eval_batch_size) for s in eval_names}
+    )
     if qa_heldout is None:
         return loaders
     loaders.qa["answer"] = eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1t2")
@@ -50,6 +57,7 @@ def stage_loaders(recipe: Recipe, spec: StageSpec, prepared: dict[str, Any], lay
         loaders.qa["speech"] = eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1a2")
         # a codec (e.g. the random-weight one) may use few codes, so chance alone flatters
         codes = np.concatenate([np.asarray(c).reshape(-1, N_AUDIO_LAYERS) for c in qa_heldout["codes"]])
-        loaders.majority_code_accuracy = float(np.mean([np.bincount(codes[:, i]).max() / len(codes)
-                                                        for i in range(codes.shape[1])]))
+        loaders.majority_code_accuracy = float(
+            np.mean([np.bincount(codes[:, i]).max() / len(codes) for i in range(codes.shape[1])])
+        )
     return loaders

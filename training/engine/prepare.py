@@ -18,25 +18,37 @@ def validate_splits(ctx: RunContext, feature_extractor, max_rows: int | None) ->
     Bad rows stop the run naming them, unless the data spec says to skip them."""
     spec, sr, window = ctx.recipe.data, feature_extractor.sampling_rate, feature_extractor.n_samples
     reports = {}
-    checks = [(f"dataset '{dataset_name(ctx)}', split '{s}'", ds, asr_row_check(spec, sr, window))
-              for s, ds in ctx.splits.items()]
-    checks += [(f"dataset '{qa_dataset_name(ctx)}', split '{s}'", ds, qa_row_check(spec, sr, window))
-               for s, ds in ctx.qa_splits.items()]
+    checks = [
+        (f"dataset '{dataset_name(ctx)}', split '{s}'", ds, asr_row_check(spec, sr, window))
+        for s, ds in ctx.splits.items()
+    ]
+    checks += [
+        (f"dataset '{qa_dataset_name(ctx)}', split '{s}'", ds, qa_row_check(spec, sr, window))
+        for s, ds in ctx.qa_splits.items()
+    ]
     for where, ds, check in checks:
         report = validate_split(ds, where, check, max_rows)
         ctx.log(report.summary(sr))
         if report.bad and not spec.skip_bad_rows:
             shown = "\n  ".join(report.bad[:10])
-            raise DataError(f"{len(report.bad)} bad rows in {report.where} (of {report.checked:,} checked):\n  "
-                            f"{shown}\nFix them, or pass --skip-bad-rows to leave them out (they are counted)")
+            raise DataError(
+                f"{len(report.bad)} bad rows in {report.where} (of {report.checked:,} checked):\n  "
+                f"{shown}\nFix them, or pass --skip-bad-rows to leave them out (they are counted)"
+            )
         reports[where] = report
     return reports
 
 
 def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
     """Every split's cached features: ASR splits by name, QA splits as "qa:<name>"."""
-    encoder = FeatureEncoder(feature_extractor, tokenizer, encode=model.encode, encoder_key=encoder_key(model),
-                             n_mel_frames=model.n_mel_frames, cache_dir=ctx.cache_dir / "features")
+    encoder = FeatureEncoder(
+        feature_extractor,
+        tokenizer,
+        encode=model.encode,
+        encoder_key=encoder_key(model),
+        n_mel_frames=model.n_mel_frames,
+        cache_dir=ctx.cache_dir / "features",
+    )
     jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items()]
     jobs += [(f"qa:{split}", ds, qa_dataset_name(ctx), prepare_qa_split) for split, ds in ctx.qa_splits.items()]
     out = {}
@@ -65,8 +77,10 @@ def validate_only(ctx: RunContext) -> int:
     for report in reports.values():
         for message in report.bad[:20]:
             ctx.log(f"  skipped: {message}")
-    ctx.log(f"data valid: {sum(r.checked for r in reports.values()):,} rows checked"
-            + (f", {bad} bad rows would be left out (--skip-bad-rows)" if bad else ", no bad rows"))
+    ctx.log(
+        f"data valid: {sum(r.checked for r in reports.values()):,} rows checked"
+        + (f", {bad} bad rows would be left out (--skip-bad-rows)" if bad else ", no bad rows")
+    )
     return 0
 
 
@@ -82,6 +96,9 @@ def prepare_only(ctx: RunContext) -> int:
     except DataError as err:
         ctx.log(f"error: {err}")
         return 2
-    ctx.log("prepared: " + ", ".join(f"{name} {len(ds):,} rows" for name, ds in prepared.items())
-            + f"; features cached in {ctx.cache_dir / 'features'}")
+    ctx.log(
+        "prepared: "
+        + ", ".join(f"{name} {len(ds):,} rows" for name, ds in prepared.items())
+        + f"; features cached in {ctx.cache_dir / 'features'}"
+    )
     return 0

@@ -15,8 +15,9 @@ from training.common import LogFn
 
 
 class StepProgress:
-    def __init__(self, acc: Accelerator, stage: str, metrics_path: Path, log: LogFn, log_every: int,
-                 max_steps: int) -> None:
+    def __init__(
+        self, acc: Accelerator, stage: str, metrics_path: Path, log: LogFn, log_every: int, max_steps: int
+    ) -> None:
         self.acc, self.stage, self.metrics_path, self.log = acc, stage, metrics_path, log
         self.log_every, self.max_steps = log_every, max_steps
 
@@ -29,8 +30,14 @@ class StepProgress:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         self.window: list[float] = []
         self.clock = time.time()
-        self.bar = tqdm(total=self.max_steps, initial=step, desc=self.stage, unit="step", dynamic_ncols=True,
-                        disable=None if self.acc.is_local_main_process else True)
+        self.bar = tqdm(
+            total=self.max_steps,
+            initial=step,
+            desc=self.stage,
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if self.acc.is_local_main_process else True,
+        )
         return self.bar
 
     def step_done(self, step: int, metrics: dict[str, Any]) -> None:
@@ -44,6 +51,8 @@ class StepProgress:
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if step % self.log_every == 0 or step == self.max_steps:
             rate = len(self.window) / (time.time() - self.clock)
-            self.log(f"step {step:>6}/{self.max_steps}  loss {sum(self.window) / len(self.window):.4f}  "
-                     f"lr {lr:.2e}  {rate:.1f} steps/s")
+            self.log(
+                f"step {step:>6}/{self.max_steps}  loss {sum(self.window) / len(self.window):.4f}  "
+                f"lr {lr:.2e}  {rate:.1f} steps/s"
+            )
             self.window, self.clock = [], time.time()

@@ -47,14 +47,24 @@ def pretrained_parts(ctx: RunContext) -> tuple[str, str]:
 
     def qa_pairs(split: str | None) -> list[tuple[str, str]]:
         ds = ctx.qa_splits.get(split)
-        return [] if ds is None else list(dict.fromkeys(zip(ds[recipe.data.question_column],
-                                                            ds[recipe.data.answer_column])))
+        return (
+            []
+            if ds is None
+            else list(dict.fromkeys(zip(ds[recipe.data.question_column], ds[recipe.data.answer_column])))
+        )
 
     # The stand-in LLM knows the facts the training questions ask for (a real LLM would); the
     # held-out questions only score it, in text: the most that answering them by speech could reach.
-    encoder, llm = demo_pretrained(ctx.splits[recipe.data.train_split], ctx.cache_dir, recipe.standin_scale,
-                                   recipe.standin_lm_texts, recipe.corpus_scale, qa_pairs(recipe.data.train_split),
-                                   qa_pairs(recipe.data.heldout_split), ctx.log)
+    encoder, llm = demo_pretrained(
+        ctx.splits[recipe.data.train_split],
+        ctx.cache_dir,
+        recipe.standin_scale,
+        recipe.standin_lm_texts,
+        recipe.corpus_scale,
+        qa_pairs(recipe.data.train_split),
+        qa_pairs(recipe.data.heldout_split),
+        ctx.log,
+    )
     return str(encoder), str(llm)
 
 

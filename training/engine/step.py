@@ -3,8 +3,9 @@ a step whose loss is not finite skipped, and the step's statistics reduced acros
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -36,14 +37,18 @@ class StepStats:
         return cls(*(torch.zeros(n, device=device) for n in sizes))
 
     @classmethod
-    def of_micro_batch(cls, loss: torch.Tensor, out: dict[str, torch.Tensor], batch: dict[str, Any],
-                       grad_accum: int) -> StepStats:
+    def of_micro_batch(
+        cls, loss: torch.Tensor, out: dict[str, torch.Tensor], batch: dict[str, Any], grad_accum: int
+    ) -> StepStats:
         row_sums, row_counts = out["row_loss_sum"].detach(), out["row_count"]
         task_onehot = torch.nn.functional.one_hot(batch["task_ids"].to(row_sums.device), len(TASKS)).float()  # [B, T]
         attention = batch["attention_mask"]
         return cls(
-            loss=(loss.detach().float() / grad_accum)[None], stream_ce=row_sums.sum(0), stream_tokens=row_counts.sum(0),
-            task_ce=task_onehot.T @ row_sums.sum(-1), task_tokens=task_onehot.T @ row_counts.sum(-1),
+            loss=(loss.detach().float() / grad_accum)[None],
+            stream_ce=row_sums.sum(0),
+            stream_tokens=row_counts.sum(0),
+            task_ce=task_onehot.T @ row_sums.sum(-1),
+            task_tokens=task_onehot.T @ row_counts.sum(-1),
             real_positions=attention.sum().float()[None],
             positions=torch.tensor([float(attention.numel())], device=row_sums.device),
         )
@@ -68,9 +73,14 @@ class StepStats:
         """Readable metrics of one optimizer step (of the reduced statistics)."""
         real, positions = self.real_positions.item(), self.positions.item()
         out = {"loss": self.loss.item() / num_processes}
-        out |= {f"loss_{n}": s / c for n, s, c in zip(STREAM_NAMES, self.stream_ce.tolist(), self.stream_tokens.tolist())
-                if c}
-        out |= {f"loss_task_{n}": s / c for n, s, c in zip(TASKS, self.task_ce.tolist(), self.task_tokens.tolist()) if c}
+        out |= {
+            f"loss_{n}": s / c
+            for n, s, c in zip(STREAM_NAMES, self.stream_ce.tolist(), self.stream_tokens.tolist())
+            if c
+        }
+        out |= {
+            f"loss_task_{n}": s / c for n, s, c in zip(TASKS, self.task_ce.tolist(), self.task_tokens.tolist()) if c
+        }
         out |= {"tokens": real, "padding": 1.0 - real / positions}
         return out
 
@@ -95,8 +105,9 @@ def global_token_loss(acc: Accelerator, out: dict[str, torch.Tensor]) -> tuple[t
     return share, finite
 
 
-def forward_backward(acc: Accelerator, model: OmniModel, next_batch: Callable[[], dict[str, Any]], grad_accum: int,
-                    where: str, step: int) -> StepStats | None:
+def forward_backward(
+    acc: Accelerator, model: OmniModel, next_batch: Callable[[], dict[str, Any]], grad_accum: int, where: str, step: int
+) -> StepStats | None:
     """Forward/backward over grad_accum micro-batches. Returns this rank's step statistics, or None
     if a micro-batch had a non-finite loss: the step is then skipped (its data is consumed, no
     update is applied). `where` ("[stage]") and `step` (1-based) name the step in errors."""
@@ -113,8 +124,10 @@ def forward_backward(acc: Accelerator, model: OmniModel, next_batch: Callable[[]
                 if done and acc.distributed_type == DistributedType.DEEPSPEED:
                     # DeepSpeed's engine already holds this step's partial gradients and has no
                     # way to drop them: stop rather than apply a corrupted update.
-                    raise NonFiniteLoss(f"{where} non-finite loss in micro-batch {done + 1} of step {step} under "
-                                        f"DeepSpeed with grad_accum > 1; the last checkpoint is intact")
+                    raise NonFiniteLoss(
+                        f"{where} non-finite loss in micro-batch {done + 1} of step {step} under "
+                        f"DeepSpeed with grad_accum > 1; the last checkpoint is intact"
+                    )
                 stats = None
                 continue
             acc.backward(loss)

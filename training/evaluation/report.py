@@ -95,8 +95,13 @@ def stage_series(output_dir: Path, record: dict[str, Any]) -> list[StageSeries]:
         rows = read_metrics(output_dir / stage / "metrics.jsonl")
         entry = record["stages"].get(stage) or {}
         if rows:
-            series = StageSeries(stage, offset, [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
-                                 [float(r["lr"]) for r in rows])
+            series = StageSeries(
+                stage,
+                offset,
+                [int(r["step"]) for r in rows],
+                [float(r["loss"]) for r in rows],
+                [float(r["lr"]) for r in rows],
+            )
             if any("tokens" in r for r in rows):
                 series.tokens = int(sum(r.get("tokens", 0) for r in rows))
             out.append(series)
@@ -130,8 +135,15 @@ def _mark_stages(ax: Any, series: list[StageSeries]) -> None:
     """A dashed line at each stage's end and the stage name over its span."""
     for s in series:
         ax.axvline(s.end, color="0.4", linestyle="--", linewidth=0.8)
-        ax.text((s.offset + s.end) / 2, 1.01, s.stage, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=9)
+        ax.text(
+            (s.offset + s.end) / 2,
+            1.01,
+            s.stage,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
 
 
 def _new_axes(title: str) -> tuple[Figure, Any]:
@@ -216,10 +228,21 @@ def stage_table(recipe: Recipe, record: dict[str, Any]) -> list[str]:
     for s in recipe.stages:
         entry = record["stages"].get(s.name) or {}
         trained = str(entry["steps"]) if "steps" in entry else "-"
-        rows.append([f"`{s.name}`", f"{s.min_steps:,}-{s.max_steps:,}", f"{s.lr_init:.0e}", f"{s.lr_peak:.0e}",
-                     f"{s.warmup_steps:,}", "+".join(s.trainable), trained, entry.get("stop_reason", "-")])
-    return _table(["stage", "steps (min-max)", "LR init", "LR peak", "warm-up", "trains", "steps trained",
-                   "stop reason"], rows)
+        rows.append(
+            [
+                f"`{s.name}`",
+                f"{s.min_steps:,}-{s.max_steps:,}",
+                f"{s.lr_init:.0e}",
+                f"{s.lr_peak:.0e}",
+                f"{s.warmup_steps:,}",
+                "+".join(s.trainable),
+                trained,
+                entry.get("stop_reason", "-"),
+            ]
+        )
+    return _table(
+        ["stage", "steps (min-max)", "LR init", "LR peak", "warm-up", "trains", "steps trained", "stop reason"], rows
+    )
 
 
 def _tokens_seen(entry: dict[str, Any], series: StageSeries | None) -> str:
@@ -238,12 +261,28 @@ def results_table(record: dict[str, Any], splits: list[str], series: list[StageS
         wer = entry.get("wer", {})
         cells = [f"{100 * wer[s]['wer']:.1f}%" if s in wer else "-" for s in splits]
         status = "" if entry.get("complete", False) else " (incomplete)"
-        rows.append([f"{key}{status}", *cells, _fmt_num(entry.get("heldout_loss"), ".4f"),
-                     _fmt_num(entry.get("final_train_loss"), ".4f"), str(entry.get("steps", 0)),
-                     _fmt_seconds(entry.get("seconds")), _tokens_seen(entry, by_stage.get(key)),
-                     str(entry["skipped_steps"]) if "skipped_steps" in entry else "-"])
-    header = ["after", *[f"{s} WER" for s in splits], "held-out loss", "final train loss", "steps", "wall time",
-              "tokens seen", "skipped steps"]
+        rows.append(
+            [
+                f"{key}{status}",
+                *cells,
+                _fmt_num(entry.get("heldout_loss"), ".4f"),
+                _fmt_num(entry.get("final_train_loss"), ".4f"),
+                str(entry.get("steps", 0)),
+                _fmt_seconds(entry.get("seconds")),
+                _tokens_seen(entry, by_stage.get(key)),
+                str(entry["skipped_steps"]) if "skipped_steps" in entry else "-",
+            ]
+        )
+    header = [
+        "after",
+        *[f"{s} WER" for s in splits],
+        "held-out loss",
+        "final train loss",
+        "steps",
+        "wall time",
+        "tokens seen",
+        "skipped steps",
+    ]
     return _table(header, rows)
 
 
@@ -257,12 +296,28 @@ def qa_table(record: dict[str, Any]) -> list[str]:
         if not answer and not audio:
             continue
         pct = lambda scores, name: f"{100 * scores[name]:.1f}%" if scores and name in scores else "-"  # noqa: E731
-        rows.append([key, pct(answer, "accuracy"), pct(answer, "majority"), str(answer["questions"]) if answer else "-",
-                     pct(audio, "accuracy"), pct(audio, "majority"), _fmt_num((audio or {}).get("ce"), ".3f")])
+        rows.append(
+            [
+                key,
+                pct(answer, "accuracy"),
+                pct(answer, "majority"),
+                str(answer["questions"]) if answer else "-",
+                pct(audio, "accuracy"),
+                pct(audio, "majority"),
+                _fmt_num((audio or {}).get("ce"), ".3f"),
+            ]
+        )
     if not rows:
         return []
-    header = ["after", "answer accuracy", "constant-answer floor", "questions", "audio-token accuracy",
-              "commonest-code floor", "audio-token CE"]
+    header = [
+        "after",
+        "answer accuracy",
+        "constant-answer floor",
+        "questions",
+        "audio-token accuracy",
+        "commonest-code floor",
+        "audio-token CE",
+    ]
     return ["Held-out spoken questions (chance for an audio token: 1/4,096):", "", *_table(header, rows), ""]
 
 
@@ -279,16 +334,34 @@ def wer_detail(record: dict[str, Any], splits: list[str]) -> list[str]:
 
 
 def render_markdown(recipe: Recipe, record: dict[str, Any], splits: list[str], series: list[StageSeries]) -> str:
-    lines = [f"# Run report: recipe `{recipe.name}`", "",
-             (f"Stages run: {', '.join(s.stage for s in series) or 'none yet'}. Regenerate with "
-              f"`python -m training.evaluation.report --output-dir <run dir> --recipe {recipe.name}`."), "",
-             "## Stage table as run", "", *stage_table(recipe, record), "",
-             "## Results per stage boundary", "", *results_table(record, splits, series), "",
-             *wer_detail(record, splits), "", *qa_table(record),
-             "## Plots", "",
-             f"![training loss per step]({REPORT_DIR}/{PLOTS['loss']})", "",
-             f"![learning rate per step]({REPORT_DIR}/{PLOTS['lr']})", "",
-             f"![WER per stage boundary]({REPORT_DIR}/{PLOTS['wer']})", ""]
+    lines = [
+        f"# Run report: recipe `{recipe.name}`",
+        "",
+        (
+            f"Stages run: {', '.join(s.stage for s in series) or 'none yet'}. Regenerate with "
+            f"`python -m training.evaluation.report --output-dir <run dir> --recipe {recipe.name}`."
+        ),
+        "",
+        "## Stage table as run",
+        "",
+        *stage_table(recipe, record),
+        "",
+        "## Results per stage boundary",
+        "",
+        *results_table(record, splits, series),
+        "",
+        *wer_detail(record, splits),
+        "",
+        *qa_table(record),
+        "## Plots",
+        "",
+        f"![training loss per step]({REPORT_DIR}/{PLOTS['loss']})",
+        "",
+        f"![learning rate per step]({REPORT_DIR}/{PLOTS['lr']})",
+        "",
+        f"![WER per stage boundary]({REPORT_DIR}/{PLOTS['wer']})",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -299,8 +372,10 @@ def render_markdown(recipe: Recipe, record: dict[str, Any], splits: list[str], s
 def series_json(series: list[StageSeries], points: dict[str, list[tuple[str, float]]]) -> dict[str, Any]:
     """The plotted data, so tests and tools can check it without reading PNGs."""
     return {
-        "stages": {s.stage: {"offset": s.offset, "step": s.step, "global_step": s.global_step, "loss": s.loss,
-                             "lr": s.lr} for s in series},
+        "stages": {
+            s.stage: {"offset": s.offset, "step": s.step, "global_step": s.global_step, "loss": s.loss, "lr": s.lr}
+            for s in series
+        },
         "boundaries": {s.stage: s.end for s in series},
         "wer_percent": {split: [{"after": k, "wer": v} for k, v in pts] for split, pts in points.items()},
     }

@@ -4,8 +4,8 @@ scored exactly once across processes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import evaluate
 import torch
@@ -39,8 +39,9 @@ def all_ranks_finished(accelerator: Accelerator) -> Callable[[bool], bool] | Non
 
 
 @torch.no_grad()
-def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int,
-               task: str = "asr") -> tuple[list[str], list[str]]:
+def transcribe(
+    accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int, task: str = "asr"
+) -> tuple[list[str], list[str]]:
     """Greedy transcripts and their references, gathered across processes, each utterance once.
 
     Every rank decodes the same number of batches (Accelerate pads the last one by repeating
@@ -50,9 +51,15 @@ def transcribe(accelerator: Accelerator, model, loader: DataLoader, tokenizer, m
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sync = all_ranks_finished(accelerator)
     for batch in loader:
-        answers = generate(unwrapped, task, encoder_states=batch["encoder_states"],
-                           encoder_lengths=batch["encoder_lengths"], max_new_tokens=max_new_tokens, stop_ids=stops,
-                           all_finished=sync)
+        answers = generate(
+            unwrapped,
+            task,
+            encoder_states=batch["encoder_states"],
+            encoder_lengths=batch["encoder_lengths"],
+            max_new_tokens=max_new_tokens,
+            stop_ids=stops,
+            all_finished=sync,
+        )
         texts = [tokenizer.decode(answer.text_ids) for answer in answers]
         predictions += accelerator.gather_for_metrics(texts, use_gather_object=True)
         references += accelerator.gather_for_metrics(batch["texts"], use_gather_object=True)
@@ -67,16 +74,26 @@ def word_error_rate(predictions: list[str], references: list[str]) -> dict[str, 
     return {"wer": float(scores["wer"]), "utterances": len(refs), "words": int(scores["words"])}
 
 
-def evaluate_wer(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int,
-                 ) -> tuple[dict[str, float], list[tuple[str, str]]]:
+def evaluate_wer(
+    accelerator: Accelerator,
+    model,
+    loader: DataLoader,
+    tokenizer,
+    max_new_tokens: int,
+) -> tuple[dict[str, float], list[tuple[str, str]]]:
     model.eval()
     predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens)
     model.train()
     return word_error_rate(predictions, references), list(zip(references, predictions))
 
 
-def answer_accuracy(accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int,
-                    ) -> tuple[dict[str, float], list[tuple[str, str]]]:
+def answer_accuracy(
+    accelerator: Accelerator,
+    model,
+    loader: DataLoader,
+    tokenizer,
+    max_new_tokens: int,
+) -> tuple[dict[str, float], list[tuple[str, str]]]:
     """A1T2 on held-out spoken questions: greedy text answers, exact match after Whisper
     normalization, each question counted once."""
     model.eval()
@@ -95,13 +112,24 @@ def audio_token_scores(accelerator: Accelerator, model, loader: DataLoader) -> d
     for batch in loader:
         out = model(**model_inputs(batch))
         audio = slice(0, N_AUDIO_LAYERS)
-        rows = torch.stack([out["row_correct"][:, audio].sum(-1), out["row_judged"][:, audio].sum(-1),
-                            out["row_loss_sum"][:, audio].sum(-1), out["row_count"][:, audio].sum(-1)], dim=-1)
+        rows = torch.stack(
+            [
+                out["row_correct"][:, audio].sum(-1),
+                out["row_judged"][:, audio].sum(-1),
+                out["row_loss_sum"][:, audio].sum(-1),
+                out["row_count"][:, audio].sum(-1),
+            ],
+            dim=-1,
+        )
         totals.append(accelerator.gather_for_metrics(rows).sum(0))
     model.train()
     correct, judged, ce, count = torch.stack(totals).sum(0).tolist()
-    return {"accuracy": correct / max(judged, 1.0), "ce": ce / max(count, 1.0), "codes": int(judged),
-            "chance": 1 / SNAC_CODEBOOK}
+    return {
+        "accuracy": correct / max(judged, 1.0),
+        "ce": ce / max(count, 1.0),
+        "codes": int(judged),
+        "chance": 1 / SNAC_CODEBOOK,
+    }
 
 
 @torch.no_grad()

@@ -12,11 +12,40 @@ May import training.stages, training.common and training.speech; never the engin
 or the demo.
 """
 
-from training.model.build import (ADAPTER_WEIGHTS, OMNI_CONFIG, build_model, grow_vocabulary, is_omni_export,
-                                  load_encoder, load_omni, optimizer_groups, outside_zero3_init, parameter_summary,
-                                  row_tables, save_omni, set_trainable)
+from training.model.build import (
+    ADAPTER_WEIGHTS,
+    OMNI_CONFIG,
+    build_model,
+    grow_vocabulary,
+    is_omni_export,
+    load_encoder,
+    load_omni,
+    optimizer_groups,
+    outside_zero3_init,
+    parameter_summary,
+    row_tables,
+    save_omni,
+    set_trainable,
+)
 from training.model.omni import MODEL_KEYS, GatedAdapter, OmniConfig, OmniModel, model_inputs
 
-__all__ = ["ADAPTER_WEIGHTS", "MODEL_KEYS", "OMNI_CONFIG", "GatedAdapter", "OmniConfig", "OmniModel", "build_model",
-           "grow_vocabulary", "is_omni_export", "load_encoder", "load_omni", "model_inputs", "optimizer_groups",
-           "outside_zero3_init", "parameter_summary", "row_tables", "save_omni", "set_trainable"]
+__all__ = [
+    "ADAPTER_WEIGHTS",
+    "MODEL_KEYS",
+    "OMNI_CONFIG",
+    "GatedAdapter",
+    "OmniConfig",
+    "OmniModel",
+    "build_model",
+    "grow_vocabulary",
+    "is_omni_export",
+    "load_encoder",
+    "load_omni",
+    "model_inputs",
+    "optimizer_groups",
+    "outside_zero3_init",
+    "parameter_summary",
+    "row_tables",
+    "save_omni",
+    "set_trainable",
+]

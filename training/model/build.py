@@ -8,10 +8,11 @@ A stage-final export (``save_omni``) reloads with ``load_omni``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,8 +70,12 @@ def grow_vocabulary(llm: Qwen2ForCausalLM, layout: VocabLayout) -> None:
             weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
-def build_model(encoder_path: str, llm_path: str, frame_stack: int, adapter_hidden: int | None = None,
-                ) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+def build_model(
+    encoder_path: str,
+    llm_path: str,
+    frame_stack: int,
+    adapter_hidden: int | None = None,
+) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
     """The untrained pipeline: pretrained encoder and LLM (grown vocab), fresh adapter."""
     with outside_zero3_init():
         encoder, feature_extractor = load_encoder(encoder_path)
@@ -79,14 +84,20 @@ def build_model(encoder_path: str, llm_path: str, frame_stack: int, adapter_hidd
     text_vocab = llm.config.vocab_size
     layout = VocabLayout(text_vocab=text_vocab)
     grow_vocabulary(llm, layout)
-    config = OmniConfig.for_parts(str(encoder_path), encoder.config.d_model, text_vocab, llm.config.hidden_size,
-                                  frame_stack, adapter_hidden)
+    config = OmniConfig.for_parts(
+        str(encoder_path), encoder.config.d_model, text_vocab, llm.config.hidden_size, frame_stack, adapter_hidden
+    )
     return OmniModel(encoder, llm, config), tokenizer, feature_extractor
 
 
-def save_omni(model: OmniModel, path: Path, tokenizer: PreTrainedTokenizerBase,
-              feature_extractor: WhisperFeatureExtractor, llm_state: dict | None = None,
-              adapter_state: dict | None = None) -> None:
+def save_omni(
+    model: OmniModel,
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    feature_extractor: WhisperFeatureExtractor,
+    llm_state: dict | None = None,
+    adapter_state: dict | None = None,
+) -> None:
     """Hugging Face-style export: llm/ (grown vocab) + tokenizer, adapter weights, the encoder's
     reference and feature extractor, and omni_config.json describing the whole model.
     llm_state/adapter_state: whole weights gathered from a sharded (ZeRO-3) model."""
@@ -148,6 +159,7 @@ def parameter_summary(model: OmniModel) -> dict[str, tuple[int, int]]:
         rows = model.layout.text_size - model.layout.text_vocab
         out["llm"] = (out["llm"][0], sum(rows * w.shape[1] for w in row_tables(model.llm)))
     return out
+
 
 def optimizer_groups(model: OmniModel, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters only; no decay on norms, biases and embeddings; no empty groups."""

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from training.speech.layout import VocabLayout, n_adapter_frames, n_encoder_frames
 from training.model import OmniConfig, OmniModel, grow_vocabulary, parameter_summary, set_trainable
+from training.speech.layout import VocabLayout, n_adapter_frames, n_encoder_frames
 from training.stages import MODULES, Recipe, StageSpec
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -70,9 +70,15 @@ def config_folder(name_or_path: str, role: str) -> tuple[Path, str]:
     if name_or_path in SHIPPED_CONFIGS:
         shipped = SHIPPED_CONFIGS[name_or_path]
         where = shipped.relative_to(CONFIGS_DIR.parent)
-        return shipped, f"{role}: {name_or_path} is a hub id, not a local folder: using the shipped config {where}/ (nothing downloaded)"
-    raise DryRunError(f"{role} '{name_or_path}': not a local folder, and no config ships for this hub id "
-                      f"(shipped: {sorted(SHIPPED_CONFIGS)}); point it at a folder holding the model's config.json")
+        return (
+            shipped,
+            f"{role}: {name_or_path} is a hub id, not a local folder: "
+            f"using the shipped config {where}/ (nothing downloaded)",
+        )
+    raise DryRunError(
+        f"{role} '{name_or_path}': not a local folder, and no config ships for this hub id "
+        f"(shipped: {sorted(SHIPPED_CONFIGS)}); point it at a folder holding the model's config.json"
+    )
 
 
 def _read_config(folder: Path, model_type: str) -> dict:
@@ -86,8 +92,9 @@ def _read_config(folder: Path, model_type: str) -> dict:
     return raw
 
 
-def build_meta_model(encoder_dir: Path, llm_dir: Path, frame_stack: int, adapter_hidden: int | None,
-                     encoder_ref: str) -> tuple[OmniModel, int]:
+def build_meta_model(
+    encoder_dir: Path, llm_dir: Path, frame_stack: int, adapter_hidden: int | None, encoder_ref: str
+) -> tuple[OmniModel, int]:
     """The whole pipeline on the meta device (shapes only, no storage), vocabulary grown exactly as
     build_model grows it. Returns the model and the LLM's parameter count before the growth."""
     encoder_config = WhisperConfig(**_read_config(encoder_dir, "whisper"))
@@ -98,8 +105,9 @@ def build_meta_model(encoder_dir: Path, llm_dir: Path, frame_stack: int, adapter
         pretrained_count = count(llm.parameters())
         text_vocab = llm_config.vocab_size
         grow_vocabulary(llm, VocabLayout(text_vocab=text_vocab))
-        config = OmniConfig.for_parts(encoder_ref, encoder_config.d_model, text_vocab, llm_config.hidden_size,
-                                      frame_stack, adapter_hidden)
+        config = OmniConfig.for_parts(
+            encoder_ref, encoder_config.d_model, text_vocab, llm_config.hidden_size, frame_stack, adapter_hidden
+        )
         model = OmniModel(encoder, llm, config)
     return model, pretrained_count
 
@@ -145,12 +153,15 @@ def memory_per_gpu(trainable: int, frozen: int, largest: int, gpus_per_node: int
     out.append(Memory("zero2", 2 * (trainable + frozen), gpu2 - 2 * trainable, 0, cpu2))
     # zero_init=False: the loop loads whole weights and lets prepare() shard them (outside_zero3_init)
     cpu3, gpu3, gathered = estimate_zero3_model_states_mem_needs(
-        trainable, largest, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=False)
+        trainable, largest, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=False
+    )
     shard = gpu3 - gathered  # DeepSpeed's 18 bytes / N per trainable parameter
-    out.append(Memory("zero3", 2 * frozen // world + 2 * trainable // world, shard - 2 * trainable // world,
-                      gathered, cpu3))
+    out.append(
+        Memory("zero3", 2 * frozen // world + 2 * trainable // world, shard - 2 * trainable // world, gathered, cpu3)
+    )
     cpu_off, gpu_off, gathered_off = estimate_zero3_model_states_mem_needs(
-        trainable, largest, gpus_per_node, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=False)
+        trainable, largest, gpus_per_node, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=False
+    )
     out.append(Memory("zero3+offload", 0, gpu_off - gathered_off, gathered_off, cpu_off + 2 * frozen // nodes))
     return out
 
@@ -201,17 +212,27 @@ def sequence_length(seconds: float, text_tokens: int, frame_stack: int, sampling
     return n_adapter_frames(frames, frame_stack) + PROMPT_EXTRA + text_tokens + ANSWER_EXTRA
 
 
-def dry_run(recipe: Recipe, stage_names: Sequence[str], gpus_per_node: int = 8, nodes: int = 1,
-            speech_seconds: float | None = None, text_tokens: int | None = None) -> DryRun:
+def dry_run(
+    recipe: Recipe,
+    stage_names: Sequence[str],
+    gpus_per_node: int = 8,
+    nodes: int = 1,
+    speech_seconds: float | None = None,
+    text_tokens: int | None = None,
+) -> DryRun:
     if recipe.encoder is None or recipe.llm is None:
-        raise DryRunError(f"recipe '{recipe.name}' builds its stand-in checkpoints at run time (their vocabulary "
-                          "comes from the corpus), so there is no config to size; use --recipe mini-omni or give "
-                          "--encoder and --llm")
+        raise DryRunError(
+            f"recipe '{recipe.name}' builds its stand-in checkpoints at run time (their vocabulary "
+            "comes from the corpus), so there is no config to size; use --recipe mini-omni or give "
+            "--encoder and --llm"
+        )
     if gpus_per_node < 1 or nodes < 1:
         raise DryRunError(f"--gpus and --nodes must be >= 1, got {gpus_per_node}, {nodes}")
     encoder_dir, encoder_line = config_folder(recipe.encoder, "encoder")
     llm_dir, llm_line = config_folder(recipe.llm, "llm")
-    model, pretrained = build_meta_model(encoder_dir, llm_dir, recipe.frame_stack, recipe.adapter_hidden, recipe.encoder)
+    model, pretrained = build_meta_model(
+        encoder_dir, llm_dir, recipe.frame_stack, recipe.adapter_hidden, recipe.encoder
+    )
     sampling_rate = _sampling_rate(encoder_dir)
     seconds = speech_seconds if speech_seconds is not None else DEFAULT_SPEECH_SECONDS
     tokens = text_tokens if text_tokens is not None else round(TEXT_TOKENS_PER_SECOND * seconds)
@@ -223,14 +244,26 @@ def dry_run(recipe: Recipe, stage_names: Sequence[str], gpus_per_node: int = 8, 
         spec = recipe.stage(name)
         set_trainable(model, spec.trainable, spec.train_text_specials)
         summary = parameter_summary(model)
-        modules = {m: (*summary[m], count(p for p in getattr(model, m).parameters() if p.requires_grad)) for m in MODULES}
+        modules = {
+            m: (*summary[m], count(p for p in getattr(model, m).parameters() if p.requires_grad)) for m in MODULES
+        }
         in_opt = sum(v[2] for v in modules.values())
         frozen = count(model.parameters()) - in_opt
         reports.append(StageReport(spec, modules, memory_per_gpu(in_opt, frozen, largest, gpus_per_node, nodes)))
-    return DryRun(recipe=recipe, sources=[encoder_line, llm_line], llm_pretrained=pretrained,
-                  llm_grown=count(model.llm.parameters()), text_vocab=model.layout.text_vocab,
-                  total_vocab=model.layout.total, gpus_per_node=gpus_per_node, nodes=nodes, speech_seconds=seconds,
-                  text_tokens=tokens, seq_len=seq_len, stages=reports)
+    return DryRun(
+        recipe=recipe,
+        sources=[encoder_line, llm_line],
+        llm_pretrained=pretrained,
+        llm_grown=count(model.llm.parameters()),
+        text_vocab=model.layout.text_vocab,
+        total_vocab=model.layout.total,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        speech_seconds=seconds,
+        text_tokens=tokens,
+        seq_len=seq_len,
+        stages=reports,
+    )
 
 
 def _sampling_rate(encoder_dir: Path) -> int:
@@ -251,48 +284,69 @@ def format_dry_run(result: DryRun) -> str:
     r = result.recipe
     per_gpu = r.batch_size / result.world
     lines = [
-        f"dry run: recipe '{r.name}', {result.nodes} node(s) x {result.gpus_per_node} GPU(s) = {result.world} processes; "
+        f"dry run: recipe '{r.name}', {result.nodes} node(s) x {result.gpus_per_node} GPU(s) = "
+        f"{result.world} processes; "
         "model built on the meta device (no weights read or downloaded)",
         *(f"  {s}" for s in result.sources),
         f"  LLM: {result.llm_pretrained:,} parameters as published; {result.llm_grown:,} after growing the vocabulary "
         f"{result.text_vocab:,} -> {result.total_vocab:,} rows",
-        f"sequence: {result.speech_seconds:g} s speech -> {result.seq_len - PROMPT_EXTRA - result.text_tokens - ANSWER_EXTRA} "
-        f"speech positions + {PROMPT_EXTRA} prompt tokens + {result.text_tokens} text tokens + eot = {result.seq_len} positions "
+        f"sequence: {result.speech_seconds:g} s speech -> "
+        f"{result.seq_len - PROMPT_EXTRA - result.text_tokens - ANSWER_EXTRA} speech positions + {PROMPT_EXTRA} "
+        f"prompt tokens + {result.text_tokens} text tokens + eot = {result.seq_len} positions "
         "(--speech-seconds / --text-tokens change it)",
         f"tokens per optimizer step: {r.batch_size} rows (global) x {r.grad_accum} accumulation x {result.seq_len} = "
         f"{result.tokens_per_step:,} ({per_gpu:g} rows per GPU per micro-step"
-        + ("; not a whole number: batch_size should divide by the process count" if per_gpu != int(per_gpu) else "") + ")",
+        + ("; not a whole number: batch_size should divide by the process count" if per_gpu != int(per_gpu) else "")
+        + ")",
     ]
     for rep in result.stages:
         s = rep.stage
-        extra = " (+ the 64 new text-special rows of the embedding and output layer)" if s.train_text_specials and "llm" not in s.trainable else ""
-        lines += ["", f"stage {s.name} ({s.min_steps:,}-{s.max_steps:,} steps, up to "
-                      f"{result.tokens_per_step * s.max_steps / 1e9:.2f} B tokens): trains {' + '.join(s.trainable)}{extra}",
-                  f"  {'module':<8} {'total':>13} {'trainable':>13} {'in optimizer':>13}"]
+        extra = (
+            " (+ the 64 new text-special rows of the embedding and output layer)"
+            if s.train_text_specials and "llm" not in s.trainable
+            else ""
+        )
+        lines += [
+            "",
+            f"stage {s.name} ({s.min_steps:,}-{s.max_steps:,} steps, up to "
+            f"{result.tokens_per_step * s.max_steps / 1e9:.2f} B tokens): trains {' + '.join(s.trainable)}{extra}",
+            f"  {'module':<8} {'total':>13} {'trainable':>13} {'in optimizer':>13}",
+        ]
         for m, (total, trainable, in_opt) in rep.modules.items():
             lines.append(f"  {m:<8} {total:>13,} {trainable:>13,} {in_opt:>13,}")
-        lines.append(f"  {'all':<8} {sum(v[0] for v in rep.modules.values()):>13,} "
-                     f"{sum(v[1] for v in rep.modules.values()):>13,} {rep.in_optimizer:>13,}")
+        lines.append(
+            f"  {'all':<8} {sum(v[0] for v in rep.modules.values()):>13,} "
+            f"{sum(v[1] for v in rep.modules.values()):>13,} {rep.in_optimizer:>13,}"
+        )
         lines.append(f"  model-state memory, GiB ({result.world} GPUs; activations not included)")
-        lines.append(f"  {'profile':<14} {'weights':>8} {'grad+optim':>11} {'gathered':>9} {'GPU total':>10} {'CPU/node':>9}")
+        lines.append(
+            f"  {'profile':<14} {'weights':>8} {'grad+optim':>11} {'gathered':>9} {'GPU total':>10} {'CPU/node':>9}"
+        )
         for mem in rep.memory:
-            lines.append(f"  {mem.profile:<14} {_gib(mem.weights):>8} {_gib(mem.grads_optim):>11} {_gib(mem.gathered):>9} "
-                         f"{_gib(mem.gpu_total):>10} {_gib(mem.cpu_per_node):>9}")
-    lines += ["", "'in optimizer' counts whole tensors that get gradients: with train_text_specials the full embedding "
-                  "(and output) tensor reaches Adam although a gradient mask leaves all but 64 rows unchanged.",
-              "Memory: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs on the parameters in the optimizer, "
-              "plus frozen weights in bf16 (ddp: fp32 weights + 12 bytes per trainable parameter)."]
+            lines.append(
+                f"  {mem.profile:<14} {_gib(mem.weights):>8} {_gib(mem.grads_optim):>11} {_gib(mem.gathered):>9} "
+                f"{_gib(mem.gpu_total):>10} {_gib(mem.cpu_per_node):>9}"
+            )
+    lines += [
+        "",
+        "'in optimizer' counts whole tensors that get gradients: with train_text_specials the full embedding "
+        "(and output) tensor reaches Adam although a gradient mask leaves all but 64 rows unchanged.",
+        "Memory: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs on the parameters in the optimizer, "
+        "plus frozen weights in bf16 (ddp: fp32 weights + 12 bytes per trainable parameter).",
+    ]
     return "\n".join(lines)
 
 
-def main_dry_run(recipe: Recipe, stage: str, gpus_per_node: int, nodes: int, speech_seconds: float | None,
-                 text_tokens: int | None) -> int:
+def main_dry_run(
+    recipe: Recipe, stage: str, gpus_per_node: int, nodes: int, speech_seconds: float | None, text_tokens: int | None
+) -> int:
     """run.py's --dry-run branch: print the report; exit code 0, or 2 on a config problem."""
     from training.stages import STAGE_NAMES
 
     try:
-        result = dry_run(recipe, list(STAGE_NAMES) if stage == "all" else [stage], gpus_per_node, nodes,
-                         speech_seconds, text_tokens)
+        result = dry_run(
+            recipe, list(STAGE_NAMES) if stage == "all" else [stage], gpus_per_node, nodes, speech_seconds, text_tokens
+        )
     except DryRunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

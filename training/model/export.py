@@ -60,8 +60,8 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -70,17 +70,37 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qw
 if __package__ in (None, ""):  # `python training/model/export.py` as well as `python -m training.model.export`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from training.model import (
+    ADAPTER_WEIGHTS,
+    OMNI_CONFIG,
+    OmniConfig,
+    OmniModel,
+    is_omni_export,  # noqa: E402
+    load_encoder,
+    load_omni,
+    outside_zero3_init,
+)
 from training.speech.layout import N_AUDIO_LAYERS, VocabLayout  # noqa: E402
-from training.model import (ADAPTER_WEIGHTS, OMNI_CONFIG, OmniConfig, OmniModel, is_omni_export,  # noqa: E402
-                            load_encoder, load_omni, outside_zero3_init)
 
 LIT_WEIGHTS = "lit_model.pth"
 LIT_CONFIG = "model_config.yaml"
 SIDECAR = "omni_export.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "generation_config.json", "chat_template.jinja")
-WHISPER_SMALL = {"d_model": 768, "encoder_layers": 12, "encoder_attention_heads": 12, "num_mel_bins": 80,
-                 "max_source_positions": 1500}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+WHISPER_SMALL = {
+    "d_model": 768,
+    "encoder_layers": 12,
+    "encoder_attention_heads": 12,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+}
 DEFAULT_BLOCK_SIZE = 2048  # Mini-Omni's context; inference.py needs >= 2047, and a 131k one would
 # make litgpt allocate a 131k x 131k mask when it sets up its KV cache
 ADAPTER_NAMES = {"gate": "fc_1", "up": "fc_2", "down": "proj"}
@@ -136,11 +156,15 @@ def check_compatible(model: OmniModel, llm_config: Qwen2Config, allow_encoder_mi
     cfg = model.config
     problems = []
     if cfg.frame_stack != 1:
-        problems.append(f"{OMNI_CONFIG} frame_stack is {cfg.frame_stack}: Mini-Omni's adapter reads one encoder frame "
-                        "per position (frame_stack 1)")
+        problems.append(
+            f"{OMNI_CONFIG} frame_stack is {cfg.frame_stack}: Mini-Omni's adapter reads one encoder frame "
+            "per position (frame_stack 1)"
+        )
     if cfg.adapter_hidden != llm_config.intermediate_size:
-        problems.append(f"{OMNI_CONFIG} adapter_hidden is {cfg.adapter_hidden}: Mini-Omni's adapter (whisperMLP) is as "
-                        f"wide as the LLM's intermediate_size, {llm_config.intermediate_size}")
+        problems.append(
+            f"{OMNI_CONFIG} adapter_hidden is {cfg.adapter_hidden}: Mini-Omni's adapter (whisperMLP) is as "
+            f"wide as the LLM's intermediate_size, {llm_config.intermediate_size}"
+        )
     if llm_config.hidden_act != "silu":
         problems.append(f"llm/config.json hidden_act is {llm_config.hidden_act!r}; litgpt's LLaMAMLP uses silu")
     if getattr(llm_config, "use_sliding_window", False):
@@ -150,8 +174,11 @@ def check_compatible(model: OmniModel, llm_config: Qwen2Config, allow_encoder_mi
         problems.append(f"llm/config.json rope type {rope.get('rope_type')!r}; Mini-Omni's litgpt has plain RoPE only")
     layer = model.llm.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    if any(p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj)) or attn.o_proj.bias is not None or any(
-            p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+    if (
+        any(p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        or attn.o_proj.bias is not None
+        or any(p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    ):
         problems.append("llm: Mini-Omni's config has biases on q/k/v only (add_qkv_bias), none elsewhere")
     if problems:
         raise ExportError("cannot export to Mini-Omni's format:\n  " + "\n  ".join(problems))
@@ -159,8 +186,10 @@ def check_compatible(model: OmniModel, llm_config: Qwen2Config, allow_encoder_mi
     enc = model.encoder.config
     differs = {k: getattr(enc, k) for k, v in WHISPER_SMALL.items() if getattr(enc, k) != v}
     if differs:
-        message = (f"encoder {cfg.encoder} is not whisper-small ({differs}); Mini-Omni's inference.py always runs "
-                   "openai-whisper 'small', so this export would see other features than it was trained on")
+        message = (
+            f"encoder {cfg.encoder} is not whisper-small ({differs}); Mini-Omni's inference.py always runs "
+            "openai-whisper 'small', so this export would see other features than it was trained on"
+        )
         if not allow_encoder_mismatch:
             raise ExportError(message + " (pass --allow-encoder-mismatch to write it anyway)")
         warnings.append(message)
@@ -179,9 +208,11 @@ def lit_state_dict(model: OmniModel) -> dict[str, torch.Tensor]:
         used.add(name)
         return ours[name].detach()
 
-    out: dict[str, torch.Tensor] = {"transformer.wte.weight": take("model.embed_tokens.weight"),
-                                    "lm_head.weight": take("lm_head.weight"),
-                                    "transformer.ln_f.weight": take("model.norm.weight")}
+    out: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": take("model.embed_tokens.weight"),
+        "lm_head.weight": take("lm_head.weight"),
+        "transformer.ln_f.weight": take("model.norm.weight"),
+    }
     for i in range(llm.config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
         for kind in ("weight", "bias"):
@@ -244,8 +275,9 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def export_mini_omni(source: Path, target: Path, block_size: int = DEFAULT_BLOCK_SIZE,
-                     allow_encoder_mismatch: bool = False) -> list[str]:
+def export_mini_omni(
+    source: Path, target: Path, block_size: int = DEFAULT_BLOCK_SIZE, allow_encoder_mismatch: bool = False
+) -> list[str]:
     """Write lit_model.pth + model_config.yaml (+ tokenizer, sidecar) into target; return warnings."""
     source, target = Path(source), Path(target)
     if not is_omni_export(source):
@@ -261,8 +293,14 @@ def export_mini_omni(source: Path, target: Path, block_size: int = DEFAULT_BLOCK
             shutil.copy2(source / "llm" / name, target / name)
     if (source / "preprocessor_config.json").is_file():
         shutil.copy2(source / "preprocessor_config.json", target / "preprocessor_config.json")
-    sidecar = {"format": "mini-omni", "encoder": model.config.encoder, "text_vocab": model.config.text_vocab,
-               "llm_config": model.llm.config.to_dict(), "source": str(source), "warnings": warnings}
+    sidecar = {
+        "format": "mini-omni",
+        "encoder": model.config.encoder,
+        "text_vocab": model.config.text_vocab,
+        "llm_config": model.llm.config.to_dict(),
+        "source": str(source),
+        "warnings": warnings,
+    }
     (target / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return warnings
 
@@ -295,7 +333,9 @@ def _read_lit(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     state = torch.load(folder / LIT_WEIGHTS, map_location="cpu", weights_only=True)
     sidecar = json.loads((folder / SIDECAR).read_text()) if (folder / SIDECAR).is_file() else {}
     if lit.get("asr_adapter", "llamamlp") != "llamamlp":
-        raise ExportError(f"{folder / LIT_CONFIG}: asr_adapter {lit['asr_adapter']!r}; only llamamlp maps onto our gated adapter")
+        raise ExportError(
+            f"{folder / LIT_CONFIG}: asr_adapter {lit['asr_adapter']!r}; only llamamlp maps onto our gated adapter"
+        )
     extra = sorted(k for k in state if k.startswith("transformer.post_adapter"))
     if extra:
         raise ExportError(f"{folder / LIT_WEIGHTS}: post-adapter tensors {extra[:3]}... have no place in our model")
@@ -305,12 +345,18 @@ def _read_lit(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
 def _qwen2_config(lit: dict, sidecar: dict) -> Qwen2Config:
     if "llm_config" in sidecar:
         return Qwen2Config(**{k: v for k, v in sidecar["llm_config"].items() if k not in ("architectures",)})
-    return Qwen2Config(vocab_size=lit["padded_vocab_size"], hidden_size=lit["n_embd"],
-                       intermediate_size=lit["intermediate_size"], num_hidden_layers=lit["n_layer"],
-                       num_attention_heads=lit["n_head"], num_key_value_heads=lit["n_query_groups"],
-                       rms_norm_eps=lit["norm_eps"], rope_theta=lit["rope_base"],
-                       tie_word_embeddings=lit.get("tie_word_embeddings", False),
-                       max_position_embeddings=lit["block_size"])
+    return Qwen2Config(
+        vocab_size=lit["padded_vocab_size"],
+        hidden_size=lit["n_embd"],
+        intermediate_size=lit["intermediate_size"],
+        num_hidden_layers=lit["n_layer"],
+        num_attention_heads=lit["n_head"],
+        num_key_value_heads=lit["n_query_groups"],
+        rms_norm_eps=lit["norm_eps"],
+        rope_theta=lit["rope_base"],
+        tie_word_embeddings=lit.get("tie_word_embeddings", False),
+        max_position_embeddings=lit["block_size"],
+    )
 
 
 def _hf_tensors(state: dict[str, torch.Tensor], config: Qwen2Config) -> Iterator[tuple[str, torch.Tensor, str]]:
@@ -329,8 +375,10 @@ def _hf_tensors(state: dict[str, torch.Tensor], config: Qwen2Config) -> Iterator
             yield dst + ours, state[src + theirs], src + theirs
 
 
-def import_mini_omni(folder: Path, encoder: str | None = None,
-                     ) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
+def import_mini_omni(
+    folder: Path,
+    encoder: str | None = None,
+) -> tuple[OmniModel, PreTrainedTokenizerBase, WhisperFeatureExtractor]:
     """Rebuild our model from a Mini-Omni checkpoint folder (one we wrote, or theirs given
     `encoder`, e.g. openai/whisper-small)."""
     folder = Path(folder)
@@ -349,17 +397,29 @@ def import_mini_omni(folder: Path, encoder: str | None = None,
     for ours, tensor, theirs in _hf_tensors(state, config):
         hf_state[ours] = tensor
         used.add(theirs)
-    adapter_state = {f"{ours}.weight": state[f"whisper_adapter.{theirs}.weight"] for ours, theirs in ADAPTER_NAMES.items()}
+    adapter_state = {
+        f"{ours}.weight": state[f"whisper_adapter.{theirs}.weight"] for ours, theirs in ADAPTER_NAMES.items()
+    }
     used |= {f"whisper_adapter.{t}.weight" for t in ADAPTER_NAMES.values()}
     left = sorted(set(state) - used)
     if left:
         raise ExportError(f"{folder / LIT_WEIGHTS}: tensors with no place in our model: {left}")
     missing, unexpected = llm.load_state_dict(hf_state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"} or ("lm_head.weight" in missing and not config.tie_word_embeddings):
+    if (
+        unexpected
+        or set(missing) - {"lm_head.weight"}
+        or ("lm_head.weight" in missing and not config.tie_word_embeddings)
+    ):
         raise ExportError(f"{folder}: LLM weights do not fit: missing {missing}, unexpected {unexpected}")
     text_vocab = sidecar.get("text_vocab", lit["text_vocab_size"] - VocabLayout().text_specials)
-    omni = OmniConfig(encoder=encoder, text_vocab=text_vocab, frame_stack=1, adapter_in=lit["whisper_adapter_dim"],
-                      adapter_hidden=lit["intermediate_size"], adapter_out=lit["n_embd"])
+    omni = OmniConfig(
+        encoder=encoder,
+        text_vocab=text_vocab,
+        frame_stack=1,
+        adapter_in=lit["whisper_adapter_dim"],
+        adapter_hidden=lit["intermediate_size"],
+        adapter_out=lit["n_embd"],
+    )
     model = OmniModel(whisper, llm, omni)
     model.adapter.load_state_dict(adapter_state)
     if (folder / "preprocessor_config.json").is_file():
@@ -372,15 +432,26 @@ def import_mini_omni(folder: Path, encoder: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a stage-final model to Mini-Omni's litgpt format or a "
-                                                 "Hugging Face folder, or import a Mini-Omni folder (--format omni).")
-    parser.add_argument("--from", dest="source", type=Path, required=True, help="stage export (or Mini-Omni folder for omni)")
+    parser = argparse.ArgumentParser(
+        description="Export a stage-final model to Mini-Omni's litgpt format or a "
+        "Hugging Face folder, or import a Mini-Omni folder (--format omni)."
+    )
+    parser.add_argument(
+        "--from", dest="source", type=Path, required=True, help="stage export (or Mini-Omni folder for omni)"
+    )
     parser.add_argument("--to", dest="target", type=Path, required=True, help="new, empty output folder")
-    parser.add_argument("--format", required=True, choices=["mini-omni", "hf", "omni"],
-                        help="mini-omni: lit_model.pth + model_config.yaml; hf: plain HF folder; omni: import back")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=["mini-omni", "hf", "omni"],
+        help="mini-omni: lit_model.pth + model_config.yaml; hf: plain HF folder; omni: import back",
+    )
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="litgpt context length (mini-omni)")
-    parser.add_argument("--allow-encoder-mismatch", action="store_true",
-                        help="export although the encoder is not whisper-small (Mini-Omni's inference runs whisper-small)")
+    parser.add_argument(
+        "--allow-encoder-mismatch",
+        action="store_true",
+        help="export although the encoder is not whisper-small (Mini-Omni's inference runs whisper-small)",
+    )
     parser.add_argument("--encoder", help="omni: the Whisper encoder the checkpoint was trained with")
     args = parser.parse_args(argv)
     try:

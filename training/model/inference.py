@@ -28,19 +28,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from training.stages import TASKS
 from training.speech.audio import decode_audio, resample, wav_bytes
-from training.speech.layout import (N_AUDIO_LAYERS, SPEECH_IN_TASKS, SPEECH_TASKS, TEXT_ROW, VocabLayout,
-                             a1a2_prompt, a1t2_prompt, asr_prompt, n_adapter_frames, n_encoder_frames,
-                             pad_token_column, strip_text_answer, t1a2_prompt, t1t2_prompt, undelay_audio)
+from training.speech.layout import (
+    N_AUDIO_LAYERS,
+    SPEECH_IN_TASKS,
+    SPEECH_TASKS,
+    TEXT_ROW,
+    VocabLayout,
+    a1a2_prompt,
+    a1t2_prompt,
+    asr_prompt,
+    n_adapter_frames,
+    n_encoder_frames,
+    pad_token_column,
+    strip_text_answer,
+    t1a2_prompt,
+    t1t2_prompt,
+    undelay_audio,
+)
+from training.stages import TASKS
 
 __all__ = ["Generated", "build_prompts", "encode_question", "generate", "main", "speak", "write_wav"]
 
@@ -66,8 +81,12 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def build_prompts(layout: VocabLayout, task: str, n_audio: Sequence[int] | None = None,
-                  question_ids: Sequence[Sequence[int]] | None = None) -> list[torch.Tensor]:
+def build_prompts(
+    layout: VocabLayout,
+    task: str,
+    n_audio: Sequence[int] | None = None,
+    question_ids: Sequence[Sequence[int]] | None = None,
+) -> list[torch.Tensor]:
     """One [8, P] prompt per row: speech-in tasks from their numbers of speech positions, text-in
     tasks from their question token ids."""
     _check_task(task)
@@ -91,7 +110,7 @@ def _read_codes(layout: VocabLayout, audio_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros((0, N_AUDIO_LAYERS), dtype=torch.long)
     ids = audio_ids.clone()
     for layer in range(N_AUDIO_LAYERS):
-        local = ids[layer, layer + 1:] - layout.audio_offset(layer)
+        local = ids[layer, layer + 1 :] - layout.audio_offset(layer)
         ends = (local >= layout.audio_codes).nonzero()
         if len(ends):
             ids[layer, layer + 1 + int(ends[0])] = layout.audio_id(layout.eoa, layer)
@@ -103,10 +122,17 @@ def _model_device(model: Any) -> torch.device:
 
 
 @torch.no_grad()
-def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = None,
-             encoder_lengths: torch.Tensor | None = None, question_ids: Sequence[Sequence[int]] | None = None,
-             max_new_tokens: int, stop_ids: Sequence[int] = (),
-             all_finished: Callable[[bool], bool] | None = None) -> list[Generated]:
+def generate(
+    model: Any,
+    task: str,
+    *,
+    encoder_states: torch.Tensor | None = None,
+    encoder_lengths: torch.Tensor | None = None,
+    question_ids: Sequence[Sequence[int]] | None = None,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    all_finished: Callable[[bool], bool] | None = None,
+) -> list[Generated]:
     """Batched greedy decoding of text (+ speech for a1a2/t1a2) with a KV cache; see the module
     docstring for the per-step rules.
 
@@ -123,7 +149,7 @@ def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = Non
         raise ValueError(f"task {task!r} takes a speech question: pass encoder_states and encoder_lengths")
     if not speech_in and encoder_states is not None:
         raise ValueError(f"task {task!r} takes a text question; encoder_states would be ignored")
-    n_audio = ([n_adapter_frames(int(n), model.config.frame_stack) for n in encoder_lengths] if speech_in else None)
+    n_audio = [n_adapter_frames(int(n), model.config.frame_stack) for n in encoder_lengths] if speech_in else None
     prompts = build_prompts(layout, task, n_audio=n_audio, question_ids=question_ids)
     batch = len(prompts)
     if batch == 0:
@@ -140,7 +166,7 @@ def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = Non
         input_ids[row, :, offset:] = prompt
         attention[row, offset:] = 1
         if speech_in:
-            audio_mask[row, offset + 1: offset + 1 + n_audio[row]] = True  # after input_a, as the layout puts it
+            audio_mask[row, offset + 1 : offset + 1 + n_audio[row]] = True  # after input_a, as the layout puts it
     input_ids, attention, audio_mask = input_ids.to(device), attention.to(device), audio_mask.to(device)
     x = model.embed(input_ids, audio_mask, encoder_states if speech_in else None, encoder_lengths)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # padded rows start at position 0 like unpadded ones
@@ -175,7 +201,7 @@ def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = Non
         column = filler[None, :].repeat(batch, 1)
         column[:, TEXT_ROW] = torch.where(ends_now, torch.full_like(text, layout.eot), text)
         if speech_out:
-            local = logits[:, layout.text_size:].reshape(batch, N_AUDIO_LAYERS, layout.audio_size).argmax(-1)
+            local = logits[:, layout.text_size :].reshape(batch, N_AUDIO_LAYERS, layout.audio_size).argmax(-1)
             forced = (step <= layer_index)[None, :] | audio_over  # delay, or the layer is done
             local = torch.where(forced, torch.full_like(local, layout.pad_a), local)
             audio_over |= ~forced & (local >= layout.audio_codes)  # eoa (or a stray special) ends the layer
@@ -194,8 +220,9 @@ def generate(model: Any, task: str, *, encoder_states: torch.Tensor | None = Non
         step_x = model.embed(column[:, :, None], no_speech, None, None)  # [B, 1, d]: the training embedding
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model.llm.model(inputs_embeds=step_x, attention_mask=attention, position_ids=positions,
-                              cache=cache, use_cache=True)
+        out = model.llm.model(
+            inputs_embeds=step_x, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+        )
         cache = out.cache
         last = out.last_hidden_state[:, -1]
 
@@ -237,11 +264,15 @@ def encode_question(model: Any, feature_extractor: Any, wave: np.ndarray) -> tup
     the way training prepares its rows (log-mel of a full window, encoder, n_encoder_frames)."""
     sr = feature_extractor.sampling_rate
     if len(wave) > feature_extractor.n_samples:
-        raise ValueError(f"audio is {len(wave) / sr:.1f} s, longer than the encoder's "
-                         f"{feature_extractor.n_samples / sr:.0f} s window")
+        raise ValueError(
+            f"audio is {len(wave) / sr:.1f} s, longer than the encoder's "
+            f"{feature_extractor.n_samples / sr:.0f} s window"
+        )
     features = feature_extractor([wave], sampling_rate=sr, return_tensors="pt", padding="max_length").input_features
     if features.shape[-1] != model.n_mel_frames:
-        raise ValueError(f"feature extractor gives {features.shape[-1]} mel frames, the encoder needs {model.n_mel_frames}")
+        raise ValueError(
+            f"feature extractor gives {features.shape[-1]} mel frames, the encoder needs {model.n_mel_frames}"
+        )
     param = next(model.encoder.parameters())
     states = model.encode(features.to(param.device, param.dtype))
     n = n_encoder_frames(len(wave), sr, model.n_mel_frames // 2)
@@ -260,9 +291,19 @@ def write_wav(path: str | Path, samples: np.ndarray, sampling_rate: int) -> None
         sf.write(path, samples, sampling_rate, format="WAV", subtype="PCM_16")
 
 
-def speak(model: Any, tokenizer: Any, codec: Any, *, audio: Any = None, text: str | None = None, task: str,
-          wav_path: str | Path | None, max_new_tokens: int = 600, feature_extractor: Any = None,
-          stop_ids: Sequence[int] | None = None) -> tuple[str, int]:
+def speak(
+    model: Any,
+    tokenizer: Any,
+    codec: Any,
+    *,
+    audio: Any = None,
+    text: str | None = None,
+    task: str,
+    wav_path: str | Path | None,
+    max_new_tokens: int = 600,
+    feature_extractor: Any = None,
+    stop_ids: Sequence[int] | None = None,
+) -> tuple[str, int]:
     """Answer one question; returns (answer text, number of SNAC frames written).
 
     audio: (samples, sampling_rate) or a path to an audio file, for speech-in tasks; text: the
@@ -287,11 +328,18 @@ def speak(model: Any, tokenizer: Any, codec: Any, *, audio: Any = None, text: st
     if speech_in:
         if feature_extractor is None:
             from transformers import WhisperFeatureExtractor
+
             feature_extractor = WhisperFeatureExtractor.from_pretrained(model.config.encoder)
         wave = _waveform(audio, feature_extractor.sampling_rate)
         states, lengths = encode_question(model, feature_extractor, wave)
-        result = generate(model, task, encoder_states=states, encoder_lengths=lengths,
-                          max_new_tokens=max_new_tokens, stop_ids=stop_ids)[0]
+        result = generate(
+            model,
+            task,
+            encoder_states=states,
+            encoder_lengths=lengths,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+        )[0]
     else:
         question = tokenizer(text, add_special_tokens=False).input_ids  # as prepared rows hold text ids
         result = generate(model, task, question_ids=[question], max_new_tokens=max_new_tokens, stop_ids=stop_ids)[0]
@@ -314,24 +362,40 @@ def main(argv: list[str] | None = None) -> int:
     question.add_argument("--audio", help="the spoken question (WAV/FLAC/OGG), for asr, a1t2, a1a2")
     question.add_argument("--text", help="the written question, for t1t2, t1a2")
     parser.add_argument("--out", help="where to write the answer speech (a1a2, t1a2)")
-    parser.add_argument("--codec", default=None,
-                        help="SNAC 24 kHz checkpoint folder or hub id; without it a seeded RANDOM-weight codec "
-                             "decodes the codes, and the audio is not intelligible")
+    parser.add_argument(
+        "--codec",
+        default=None,
+        help="SNAC 24 kHz checkpoint folder or hub id; without it a seeded RANDOM-weight codec "
+        "decodes the codes, and the audio is not intelligible",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=600)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.task in SPEECH_TASKS and not args.out:
         parser.error(f"--task {args.task} answers with speech: pass --out answer.wav")
 
-    from training.speech.codec import SAMPLING_RATE, load_codec
     from training.model import load_omni
+    from training.speech.codec import SAMPLING_RATE, load_codec
     from training.speech.snac_codes import samples_per_frame
 
     model, tokenizer, feature_extractor = load_omni(args.model)
     model.to(args.device).eval()
-    codec = load_codec(args.codec, log=lambda m: print(m, file=sys.stderr)).to(args.device) if args.task in SPEECH_TASKS else None
-    answer, frames = speak(model, tokenizer, codec, audio=args.audio, text=args.text, task=args.task,
-                           wav_path=args.out, max_new_tokens=args.max_new_tokens, feature_extractor=feature_extractor)
+    codec = (
+        load_codec(args.codec, log=lambda m: print(m, file=sys.stderr)).to(args.device)
+        if args.task in SPEECH_TASKS
+        else None
+    )
+    answer, frames = speak(
+        model,
+        tokenizer,
+        codec,
+        audio=args.audio,
+        text=args.text,
+        task=args.task,
+        wav_path=args.out,
+        max_new_tokens=args.max_new_tokens,
+        feature_extractor=feature_extractor,
+    )
     print(answer)
     if args.task in SPEECH_TASKS:
         seconds = frames * samples_per_frame() / SAMPLING_RATE

@@ -14,6 +14,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from training.speech.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout
 
+
 class GatedAdapter(nn.Module):
     """SwiGLU-style MLP from (stacked) encoder frames to the LLM width."""
 
@@ -39,12 +40,25 @@ class OmniConfig:
     adapter_out: int
 
     @classmethod
-    def for_parts(cls, encoder: str, encoder_width: int, text_vocab: int, llm_width: int, frame_stack: int,
-                  adapter_hidden: int | None) -> OmniConfig:
+    def for_parts(
+        cls,
+        encoder: str,
+        encoder_width: int,
+        text_vocab: int,
+        llm_width: int,
+        frame_stack: int,
+        adapter_hidden: int | None,
+    ) -> OmniConfig:
         """The one place an OmniConfig is made from its parts: the adapter maps frame_stack stacked
         encoder frames to the LLM width, 4 x that width wide unless given."""
-        return cls(encoder=encoder, text_vocab=text_vocab, frame_stack=frame_stack, adapter_in=encoder_width * frame_stack,
-                   adapter_hidden=adapter_hidden or 4 * llm_width, adapter_out=llm_width)
+        return cls(
+            encoder=encoder,
+            text_vocab=text_vocab,
+            frame_stack=frame_stack,
+            adapter_in=encoder_width * frame_stack,
+            adapter_hidden=adapter_hidden or 4 * llm_width,
+            adapter_out=llm_width,
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -89,8 +103,13 @@ class OmniModel(nn.Module):
         valid = torch.arange(out.shape[1], device=out.device)[None, :] < n_valid[:, None]
         return out[valid]
 
-    def embed(self, input_ids: torch.Tensor, audio_mask: torch.Tensor, encoder_states: torch.Tensor | None,
-              encoder_lengths: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        audio_mask: torch.Tensor,
+        encoder_states: torch.Tensor | None,
+        encoder_lengths: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Mean of the 8 streams' embeddings; at speech positions the adapter output stands in for
         every audio stream (the text stream keeps its pad_t)."""
         tokens = self.llm.get_input_embeddings()(input_ids)  # [B, 8, T, d]
@@ -110,9 +129,15 @@ class OmniModel(nn.Module):
 
     # -- training ----------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-                audio_mask: torch.Tensor, encoder_states: torch.Tensor | None = None,
-                encoder_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        audio_mask: torch.Tensor,
+        encoder_states: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Loss = mean over streams (that have labels) of each stream's token-mean CE.
 
         Also returns per-row, per-stream CE sums and label counts ([B, 8]), so a caller can
@@ -143,15 +168,24 @@ class OmniModel(nn.Module):
                 ce = F.cross_entropy(logits, target, reduction="none")
                 row_sums[:, stream] = row_sums[:, stream].index_add(0, rows[keep], ce)
                 row_counts[:, stream] = row_counts[:, stream].index_add(0, rows[keep], torch.ones_like(ce))
-                judged = (target < self.layout.audio_codes) if stream != TEXT_ROW else torch.ones_like(target, dtype=torch.bool)
+                judged = (
+                    (target < self.layout.audio_codes)
+                    if stream != TEXT_ROW
+                    else torch.ones_like(target, dtype=torch.bool)
+                )
                 hit = ((logits.detach().argmax(-1) == target) & judged).float()
                 row_correct[:, stream] = row_correct[:, stream].index_add(0, rows[keep], hit)
                 row_judged[:, stream] = row_judged[:, stream].index_add(0, rows[keep], judged.float())
         sums, counts = row_sums.sum(0), row_counts.sum(0)
         present = counts > 0
         loss = (sums[present] / counts[present]).mean() if bool(present.any()) else hidden.sum() * 0.0
-        return {"loss": loss, "row_loss_sum": row_sums, "row_count": row_counts, "row_correct": row_correct,
-                "row_judged": row_judged}
+        return {
+            "loss": loss,
+            "row_loss_sum": row_sums,
+            "row_count": row_counts,
+            "row_correct": row_correct,
+            "row_judged": row_judged,
+        }
 
     def stream_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits over one stream's slice of the vocabulary. Multiplying by just that slice of the

@@ -62,7 +62,9 @@ def resample(mono: np.ndarray, source_rate: int, sampling_rate: int, where: str 
         try:
             mono = soxr.resample(mono, source_rate, sampling_rate)
         except Exception as exc:
-            raise _fail(where or "audio value", f"resampling {source_rate} Hz -> {sampling_rate} Hz failed: {exc}") from exc
+            raise _fail(
+                where or "audio value", f"resampling {source_rate} Hz -> {sampling_rate} Hz failed: {exc}"
+            ) from exc
         if mono.size == 0:
             # A clip of a few samples can vanish when downsampled; treat it like empty audio.
             raise _fail(where or "audio value", "the audio is empty after resampling")

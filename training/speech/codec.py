@@ -9,6 +9,7 @@ the real one, but audio decoded from those codes is not intelligible.
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import torch
 from snac import SNAC
@@ -24,8 +25,10 @@ RANDOM_SEED = 0
 def load_codec(source: str | None, log: LogFn = print) -> SNAC:
     """SNAC by local path / hub id, or (source None) the 24 kHz config with seeded random weights."""
     if source is None:
-        log("speech codec: SNAC 24 kHz built from its config with seeded RANDOM weights (no checkpoint given): "
-            "answer codes are a real training target, but decoded audio is not intelligible")
+        log(
+            "speech codec: SNAC 24 kHz built from its config with seeded RANDOM weights (no checkpoint given): "
+            "answer codes are a real training target, but decoded audio is not intelligible"
+        )
         with torch.random.fork_rng():
             torch.manual_seed(RANDOM_SEED)
             codec = SNAC(**SNAC_24KHZ_CONFIG)

@@ -59,8 +59,8 @@ What is scored, and why:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -194,7 +194,7 @@ def speech_to_text_example(layout: VocabLayout, n_audio: int, answer_ids: Sequen
     answer = text_answer(layout, answer_ids)
     input_ids = torch.cat([prompt, answer], dim=1)
     labels = torch.full_like(input_ids, IGNORE)
-    labels[TEXT_ROW, prompt.shape[1]:] = answer[TEXT_ROW]
+    labels[TEXT_ROW, prompt.shape[1] :] = answer[TEXT_ROW]
     audio_mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
     audio_mask[1 : 1 + n_audio] = True
     return Example(input_ids=input_ids, labels=labels, audio_mask=audio_mask)
@@ -274,7 +274,9 @@ def undelay_audio(layout: VocabLayout, ids: torch.Tensor, require_eoa: bool = Tr
         row = t[layer] - layout.audio_offset(layer)  # back to per-layer ids: codes, then specials
         lead = row[: layer + 1]
         if lead.shape[0] < layer + 1 or bool((lead != layout.pad_a).any()):
-            raise ValueError(f"audio layer {layer} must open with {layer + 1} pad_a (its delay), got {row[: layer + 1].tolist()}")
+            raise ValueError(
+                f"audio layer {layer} must open with {layer + 1} pad_a (its delay), got {row[: layer + 1].tolist()}"
+            )
         body = row[layer + 1 :]
         ends = (body == layout.eoa).nonzero()
         if len(ends):
@@ -284,8 +286,10 @@ def undelay_audio(layout: VocabLayout, ids: torch.Tensor, require_eoa: bool = Tr
         bad = (body < 0) | (body >= layout.audio_codes)
         if bool(bad.any()):
             k = int(bad.nonzero()[0])
-            raise ValueError(f"audio layer {layer}: id {int(t[layer, layer + 1 + k])} at answer column {layer + 1 + k} "
-                             f"is not a code of that layer")
+            raise ValueError(
+                f"audio layer {layer}: id {int(t[layer, layer + 1 + k])} at answer column {layer + 1 + k} "
+                f"is not a code of that layer"
+            )
         columns.append(body)
     counts = [c.shape[0] for c in columns]
     if require_eoa and len(set(counts)) != 1:
@@ -317,7 +321,9 @@ def t1t2_prompt(layout: VocabLayout, question_ids: Sequence[int]) -> torch.Tenso
     return text_prompt(layout, question_ids, layout.pad_a)
 
 
-def speech_answer(layout: VocabLayout, token_ids: Sequence[int], codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def speech_answer(
+    layout: VocabLayout, token_ids: Sequence[int], codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The speech-output answer block: (ids [8, W], labels [8, W]), W = max(n + 8, len(text) + 1).
 
     Text: the tokens, eot, then pad_t. Audio: delay_audio's block, then pad_a. Labels as the
@@ -335,8 +341,13 @@ def speech_answer(layout: VocabLayout, token_ids: Sequence[int], codes: torch.Te
     return ids, labels
 
 
-def task_example(layout: VocabLayout, task: str, question: int | Sequence[int], answer_ids: Sequence[int],
-                 answer_codes: torch.Tensor | None = None) -> Example:
+def task_example(
+    layout: VocabLayout,
+    task: str,
+    question: int | Sequence[int],
+    answer_ids: Sequence[int],
+    answer_codes: torch.Tensor | None = None,
+) -> Example:
     """One training row for any of the five tasks.
 
     question: the number of speech positions (adapter frames) for speech-in tasks (asr, a1t2,

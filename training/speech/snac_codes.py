@@ -122,7 +122,8 @@ def parse_answer_snac(text: Any, where: str) -> torch.Tensor:
     """
     if not isinstance(text, str):  # a missing cell is bad data like the rest: one error type for callers
         raise ValueError(  # noqa: TRY004
-            f"{where}: answer_snac must be a string, got {type(text).__name__}")
+            f"{where}: answer_snac must be a string, got {type(text).__name__}"
+        )
     if not text.strip():
         raise ValueError(f"{where}: answer_snac is empty")
     head, *chunks = text.split("#")

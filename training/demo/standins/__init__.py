@@ -59,17 +59,24 @@ def _data_fingerprint(train: Dataset) -> str:
     return hasher.hexdigest()
 
 
-def _cache_key(config: StandinConfig, train: Dataset, extra_texts: Sequence[str] = (),
-               qa_pairs: Sequence[QAPair] = ()) -> str:
+def _cache_key(
+    config: StandinConfig, train: Dataset, extra_texts: Sequence[str] = (), qa_pairs: Sequence[QAPair] = ()
+) -> str:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("cache_key", True)}
     extra = hashlib.sha256(json.dumps([list(extra_texts), [list(p) for p in qa_pairs]]).encode()).hexdigest()
-    payload = json.dumps({"recipe": RECIPE_VERSION, "config": fields, "data": _data_fingerprint(train), "extra": extra},
-                         sort_keys=True)
+    payload = json.dumps(
+        {"recipe": RECIPE_VERSION, "config": fields, "data": _data_fingerprint(train), "extra": extra}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def standins_dir(cache_dir: str | Path, train: Dataset, config: StandinConfig = FULL_STANDINS,
-                 extra_texts: Sequence[str] = (), qa_pairs: Sequence[QAPair] = ()) -> Path:
+def standins_dir(
+    cache_dir: str | Path,
+    train: Dataset,
+    config: StandinConfig = FULL_STANDINS,
+    extra_texts: Sequence[str] = (),
+    qa_pairs: Sequence[QAPair] = (),
+) -> Path:
     """Where `build_standins` keeps (or will keep) the stand-ins for this config and data."""
     return Path(cache_dir) / f"standins-{_cache_key(config, train, extra_texts, qa_pairs)}"
 
@@ -82,9 +89,15 @@ def _split_indices(n: int, heldback: int, seed: int) -> tuple[list[int], list[in
     return sorted(order[heldback:]), sorted(order[:heldback])
 
 
-def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig = FULL_STANDINS,
-                   log: LogFn = print, extra_texts: Sequence[str] = (), qa_pairs: Sequence[QAPair] = (),
-                   qa_heldback: Sequence[QAPair] = ()) -> tuple[Path, Path]:
+def build_standins(
+    train: Dataset,
+    cache_dir: str | Path,
+    config: StandinConfig = FULL_STANDINS,
+    log: LogFn = print,
+    extra_texts: Sequence[str] = (),
+    qa_pairs: Sequence[QAPair] = (),
+    qa_heldback: Sequence[QAPair] = (),
+) -> tuple[Path, Path]:
     """Train (once) the stand-in encoder and LLM on `train`; returns (encoder_dir, llm_dir).
 
     `train` is a `datasets.Dataset` with "audio" (`Audio(decode=False)` values) and "text".
@@ -113,17 +126,28 @@ def build_standins(train: Dataset, cache_dir: str | Path, config: StandinConfig 
             (tmp / "llm").mkdir()
             started = time.perf_counter()
             rows, heldback = _split_indices(len(train), config.heldback, config.seed)
-            log(f"stand-ins: training on {len(rows)} utterances, {len(heldback)} held back for checks, "
-                f"{torch.get_num_threads()} threads")
+            log(
+                f"stand-ins: training on {len(rows)} utterances, {len(heldback)} held back for checks, "
+                f"{torch.get_num_threads()} threads"
+            )
             summary: dict[str, Any] = {}
             summary.update(train_encoder(train, rows, heldback, tmp / "encoder", config, log))
             all_texts = list(train["text"])
-            summary.update(train_llm([all_texts[i] for i in rows] + list(extra_texts),
-                                     [all_texts[i] for i in heldback], tmp / "llm", config, log,
-                                     qa_pairs=qa_pairs, qa_heldback=qa_heldback))
+            summary.update(
+                train_llm(
+                    [all_texts[i] for i in rows] + list(extra_texts),
+                    [all_texts[i] for i in heldback],
+                    tmp / "llm",
+                    config,
+                    log,
+                    qa_pairs=qa_pairs,
+                    qa_heldback=qa_heldback,
+                )
+            )
             summary["total_seconds"] = time.perf_counter() - started
-            (tmp / SUMMARY_FILE).write_text(json.dumps({"config": dataclasses.asdict(config), "results": summary},
-                                                       indent=2) + "\n")
+            (tmp / SUMMARY_FILE).write_text(
+                json.dumps({"config": dataclasses.asdict(config), "results": summary}, indent=2) + "\n"
+            )
         log(f"stand-ins: ready in {summary['total_seconds']:.0f} s at {target}")
     finally:
         torch.set_num_threads(previous_threads)  # the caller's thread count, whatever happened

@@ -90,15 +90,18 @@ class StandinConfig:
     def validate(self) -> None:
         # WhisperEncoder insists on exactly 2 x max_source_positions mel frames (its conv stride is 2).
         if self.n_mel_frames != 2 * self.max_source_positions:
-            raise ValueError(f"chunk_length={self.chunk_length} s gives {self.n_mel_frames} mel frames, but the "
-                             f"encoder needs 2 x max_source_positions = {2 * self.max_source_positions}")
+            raise ValueError(
+                f"chunk_length={self.chunk_length} s gives {self.n_mel_frames} mel frames, but the "
+                f"encoder needs 2 x max_source_positions = {2 * self.max_source_positions}"
+            )
         if self.d_model % self.encoder_heads or self.llm_hidden % self.llm_heads:
             raise ValueError("d_model / llm_hidden must be divisible by their head counts")
         if self.llm_heads % self.llm_kv_heads:
             raise ValueError(f"llm_heads={self.llm_heads} is not a multiple of llm_kv_heads={self.llm_kv_heads}")
         if self.copy_fraction + self.qa_fraction > 1.0:
-            raise ValueError(f"copy_fraction + qa_fraction must be at most 1, "
-                             f"got {self.copy_fraction + self.qa_fraction}")
+            raise ValueError(
+                f"copy_fraction + qa_fraction must be at most 1, got {self.copy_fraction + self.qa_fraction}"
+            )
         for name in ("copy_fraction", "copy_shuffle_fraction", "qa_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")

@@ -56,12 +56,17 @@ class _Speech:
 
 
 def _feature_extractor(config: StandinConfig) -> WhisperFeatureExtractor:
-    return WhisperFeatureExtractor(feature_size=config.num_mel_bins, sampling_rate=config.sampling_rate,
-                                   hop_length=config.hop_length, chunk_length=config.chunk_length)
+    return WhisperFeatureExtractor(
+        feature_size=config.num_mel_bins,
+        sampling_rate=config.sampling_rate,
+        hop_length=config.hop_length,
+        chunk_length=config.chunk_length,
+    )
 
 
-def _prepare_speech(data: Dataset, rows: Sequence[int], config: StandinConfig,
-                    extractor: WhisperFeatureExtractor, what: str, log: LogFn) -> _Speech:
+def _prepare_speech(
+    data: Dataset, rows: Sequence[int], config: StandinConfig, extractor: WhisperFeatureExtractor, what: str, log: LogFn
+) -> _Speech:
     """Decode, featurize (once, not every step) and label the given rows."""
     window = config.chunk_length * config.sampling_rate
     audio_column = data.select_columns(["audio", "text"])
@@ -86,13 +91,15 @@ def _prepare_speech(data: Dataset, rows: Sequence[int], config: StandinConfig,
         targets.append(torch.tensor([CTC_ALPHABET.index(c) + 1 for c in text], dtype=torch.long))
         texts.append(text)
     if skipped_long or skipped_text:
-        log(f"stand-in encoder: skipped {skipped_long} clips longer than the {config.chunk_length} s window and "
-            f"{skipped_text} with no usable transcript in {what}")
+        log(
+            f"stand-in encoder: skipped {skipped_long} clips longer than the {config.chunk_length} s window and "
+            f"{skipped_text} with no usable transcript in {what}"
+        )
     if not waves:
         raise ValueError(f"{what}: no usable utterances for the stand-in encoder")
     chunks = []
     for start in range(0, len(waves), 64):
-        batch = extractor(waves[start:start + 64], sampling_rate=config.sampling_rate, return_tensors="pt")
+        batch = extractor(waves[start : start + 64], sampling_rate=config.sampling_rate, return_tensors="pt")
         chunks.append(batch.input_features.to(torch.float16))
     features = torch.cat(chunks)
     if features.shape[-1] != config.n_mel_frames:
@@ -140,36 +147,48 @@ def _ctc_decode(log_probs: torch.Tensor, frames: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def _ctc_evaluate(encoder: nn.Module, head: nn.Module, speech: _Speech, bf16: bool, batch_size: int = 32
-                  ) -> tuple[float, list[str]]:
+def _ctc_evaluate(
+    encoder: nn.Module, head: nn.Module, speech: _Speech, bf16: bool, batch_size: int = 32
+) -> tuple[float, list[str]]:
     encoder.eval()
     head.eval()
     hypotheses: list[str] = []
     for start in range(0, len(speech.texts), batch_size):
-        feats = speech.features[start:start + batch_size].float()
+        feats = speech.features[start : start + batch_size].float()
         with bf16_autocast(bf16):
             hidden = encoder(feats).last_hidden_state
         log_probs = head(hidden.float()).log_softmax(-1)
-        hypotheses += _ctc_decode(log_probs, speech.frames[start:start + batch_size])
+        hypotheses += _ctc_decode(log_probs, speech.frames[start : start + batch_size])
     errors = sum(_edit_distance(h, r) for h, r in zip(hypotheses, speech.texts))
     return errors / max(1, sum(len(r) for r in speech.texts)), hypotheses
 
 
 def _whisper_config(config: StandinConfig) -> WhisperConfig:
     return WhisperConfig(
-        vocab_size=config.decoder_vocab_size, num_mel_bins=config.num_mel_bins, d_model=config.d_model,
-        encoder_layers=config.encoder_layers, encoder_attention_heads=config.encoder_heads,
-        encoder_ffn_dim=config.encoder_ffn_dim, max_source_positions=config.max_source_positions,
-        decoder_layers=config.decoder_layers, decoder_attention_heads=config.decoder_heads,
-        decoder_ffn_dim=config.decoder_ffn_dim, max_target_positions=config.decoder_max_positions,
+        vocab_size=config.decoder_vocab_size,
+        num_mel_bins=config.num_mel_bins,
+        d_model=config.d_model,
+        encoder_layers=config.encoder_layers,
+        encoder_attention_heads=config.encoder_heads,
+        encoder_ffn_dim=config.encoder_ffn_dim,
+        max_source_positions=config.max_source_positions,
+        decoder_layers=config.decoder_layers,
+        decoder_attention_heads=config.decoder_heads,
+        decoder_ffn_dim=config.decoder_ffn_dim,
+        max_target_positions=config.decoder_max_positions,
         # Whisper's defaults point at ids of its 51k vocabulary; keep every id inside the tiny one.
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, decoder_start_token_id=0,
-        suppress_tokens=None, begin_suppress_tokens=None,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        decoder_start_token_id=0,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
     )
 
 
-def train_encoder(train: Dataset, rows: list[int], heldback: list[int], out_dir: Path, config: StandinConfig,
-                   log: LogFn) -> dict[str, float]:
+def train_encoder(
+    train: Dataset, rows: list[int], heldback: list[int], out_dir: Path, config: StandinConfig, log: LogFn
+) -> dict[str, float]:
     started = time.perf_counter()
     extractor = _feature_extractor(config)
     speech = _prepare_speech(train, rows, config, extractor, "stand-in training data", log)
@@ -185,8 +204,10 @@ def train_encoder(train: Dataset, rows: list[int], heldback: list[int], out_dir:
     generator = torch.Generator().manual_seed(config.seed)
     centers = _mel_centers(extractor, config)
     n_params = sum(p.numel() for p in encoder.parameters())
-    log(f"stand-in encoder: {n_params / 1e6:.2f} M parameters, {config.ctc_steps} steps of batch "
-        f"{config.ctc_batch_size}, peak LR {config.ctc_lr:g}")
+    log(
+        f"stand-in encoder: {n_params / 1e6:.2f} M parameters, {config.ctc_steps} steps of batch "
+        f"{config.ctc_batch_size}, peak LR {config.ctc_lr:g}"
+    )
 
     order = torch.randperm(len(speech.texts), generator=generator)
     cursor = 0
@@ -197,37 +218,54 @@ def train_encoder(train: Dataset, rows: list[int], heldback: list[int], out_dir:
     for step in range(config.ctc_steps):
         if cursor + config.ctc_batch_size > len(order):  # epoch-wise shuffling: every clip seen equally
             order, cursor = torch.randperm(len(speech.texts), generator=generator), 0
-        index = order[cursor:cursor + config.ctc_batch_size]
+        index = order[cursor : cursor + config.ctc_batch_size]
         cursor += config.ctc_batch_size
         feats = _vtlp(speech.features[index].float(), centers, config.vtlp_warp, generator)
         frames = speech.frames[index]
         targets = [speech.targets[i] for i in index.tolist()]
-        set_lr(optimizer, lr_at(step, config.ctc_steps, config.ctc_warmup_steps, config.ctc_lr,
-                                  config.lr_floor_ratio))
+        set_lr(optimizer, lr_at(step, config.ctc_steps, config.ctc_warmup_steps, config.ctc_lr, config.lr_floor_ratio))
         with bf16_autocast(config.bf16):
             hidden = encoder(feats).last_hidden_state
         # Score only the frames that carry the clip (the recipe cuts the encoder output the same way).
         log_probs = head(hidden.float()).log_softmax(-1).transpose(0, 1)  # [T, B, classes]
-        loss = F.ctc_loss(log_probs, torch.cat(targets), frames, torch.tensor([len(t) for t in targets]),
-                          blank=0, reduction="mean", zero_infinity=True)
+        loss = F.ctc_loss(
+            log_probs,
+            torch.cat(targets),
+            frames,
+            torch.tensor([len(t) for t in targets]),
+            blank=0,
+            reduction="mean",
+            zero_infinity=True,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.ctc_grad_clip)
         optimizer.step()
         recent.append(loss.item())
         if (step + 1) % config.log_every == 0 or step + 1 == config.ctc_steps:
-            log(f"stand-in encoder: step {step + 1}/{config.ctc_steps} ctc loss {np.mean(recent):.3f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"stand-in encoder: step {step + 1}/{config.ctc_steps} ctc loss {np.mean(recent):.3f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
             recent = []
     train_seconds = time.perf_counter() - t0
 
     cer, hypotheses = _ctc_evaluate(encoder, head, check, config.bf16)
-    log(f"stand-in encoder: held-back CER {cer:.3f} on {len(check.texts)} utterances (unseen sentences); "
-        f"e.g. {check.texts[0]!r} -> {hypotheses[0]!r}")
+    log(
+        f"stand-in encoder: held-back CER {cer:.3f} on {len(check.texts)} utterances (unseen sentences); "
+        f"e.g. {check.texts[0]!r} -> {hypotheses[0]!r}"
+    )
 
     model.save_pretrained(out_dir)
     extractor.save_pretrained(out_dir)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out_dir / CTC_HEAD_FILE),
-              metadata={"alphabet": CTC_ALPHABET, "blank": "0"})
-    return {"encoder_train_seconds": train_seconds, "encoder_total_seconds": time.perf_counter() - started,
-            "encoder_heldback_cer": cer, "encoder_params": float(n_params)}
+    save_file(
+        {k: v.contiguous() for k, v in head.state_dict().items()},
+        str(out_dir / CTC_HEAD_FILE),
+        metadata={"alphabet": CTC_ALPHABET, "blank": "0"},
+    )
+    return {
+        "encoder_train_seconds": train_seconds,
+        "encoder_total_seconds": time.perf_counter() - started,
+        "encoder_heldback_cer": cer,
+        "encoder_params": float(n_params),
+    }

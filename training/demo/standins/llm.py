@@ -31,25 +31,37 @@ QAPair = tuple[str, str]  # (question, answer) text
 # Qwen2's pre-tokenizer split. transformers 5 loads any tokenizer saved next to a qwen2 config as
 # Qwen2Tokenizer, which rebuilds the pipeline around this regex from vocab + merges; training
 # with the very same pipeline keeps the ids identical however the folder is loaded.
-_QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def _train_tokenizer(texts: list[str], config: StandinConfig) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     specials = [config.eos_token, config.bos_token, config.pad_token, config.sep_token, config.answer_token]
-    trainer = trainers.BpeTrainer(vocab_size=config.tokenizer_vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.tokenizer_vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=config.bos_token,
-                                   eos_token=config.eos_token, pad_token=config.pad_token,
-                                   sep_token=config.sep_token)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=config.bos_token,
+        eos_token=config.eos_token,
+        pad_token=config.pad_token,
+        sep_token=config.sep_token,
+    )
 
 
 def _lm_example(ids: list[int], copy: bool, bos: int, eos: int, sep: int) -> tuple[list[int], list[int]]:
@@ -74,9 +86,9 @@ def _lm_batch(examples: list[tuple[list[int], list[int]]], pad: int) -> dict[str
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, (tokens, target) in enumerate(examples):
-        input_ids[row, :len(tokens)] = torch.tensor(tokens)
-        labels[row, :len(target)] = torch.tensor(target)
-        mask[row, :len(tokens)] = 1
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        labels[row, : len(target)] = torch.tensor(target)
+        mask[row, : len(tokens)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
@@ -91,26 +103,41 @@ def _token_losses(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool) 
 
 
 @torch.no_grad()
-def _exact_continuations(model: Qwen2ForCausalLM, cases: list[tuple[list[int], list[int]]], eos: int,
-                         pad: int) -> float:
+def _exact_continuations(
+    model: Qwen2ForCausalLM, cases: list[tuple[list[int], list[int]]], eos: int, pad: int
+) -> float:
     """Share of (prompt, target) cases whose greedy continuation of the prompt is exactly target + eos."""
     model.eval()
     correct = 0
     for prompt_ids, target in cases:
         prompt = torch.tensor([prompt_ids])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(target) + 1,
-                             do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        correct += out[0, prompt.shape[1]:].tolist() == [*target, eos]
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=len(target) + 1,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        correct += out[0, prompt.shape[1] :].tolist() == [*target, eos]
     return correct / max(1, len(cases))
 
 
-def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config: StandinConfig,
-               log: LogFn, qa_pairs: Sequence[QAPair] = (), qa_heldback: Sequence[QAPair] = ()) -> dict[str, float]:
+def train_llm(
+    texts: list[str],
+    heldback_texts: list[str],
+    out_dir: Path,
+    config: StandinConfig,
+    log: LogFn,
+    qa_pairs: Sequence[QAPair] = (),
+    qa_heldback: Sequence[QAPair] = (),
+) -> dict[str, float]:
     started = time.perf_counter()
     tokenizer = _train_tokenizer(texts + [t for pair in qa_pairs for t in pair], config)
-    bos, eos, pad, sep, marker = (tokenizer.convert_tokens_to_ids(t) for t in
-                                  (config.bos_token, config.eos_token, config.pad_token, config.sep_token,
-                                   config.answer_token))
+    bos, eos, pad, sep, marker = (
+        tokenizer.convert_tokens_to_ids(t)
+        for t in (config.bos_token, config.eos_token, config.pad_token, config.sep_token, config.answer_token)
+    )
     for sample in texts[:200]:
         # NFC-normalized text must come back unchanged (the normalizer rewrites anything else).
         if unicodedata.normalize("NFC", sample) == sample and tokenizer.decode(tokenizer.encode(sample)) != sample:
@@ -123,16 +150,24 @@ def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config
     encoded_qa, encoded_qa_check = encode_pairs(qa_pairs), encode_pairs(qa_heldback)
     longest = max(2 * len(ids) + 3 for ids in encoded)
     if longest > config.max_position_embeddings:
-        raise ValueError(f"a copy-task sequence has {longest} tokens, over max_position_embeddings="
-                         f"{config.max_position_embeddings}")
+        raise ValueError(
+            f"a copy-task sequence has {longest} tokens, over max_position_embeddings={config.max_position_embeddings}"
+        )
 
     torch.manual_seed(config.seed)
     model_config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=config.llm_hidden, num_hidden_layers=config.llm_layers,
-        num_attention_heads=config.llm_heads, num_key_value_heads=config.llm_kv_heads,
-        intermediate_size=config.llm_intermediate, max_position_embeddings=config.max_position_embeddings,
+        vocab_size=vocab_size,
+        hidden_size=config.llm_hidden,
+        num_hidden_layers=config.llm_layers,
+        num_attention_heads=config.llm_heads,
+        num_key_value_heads=config.llm_kv_heads,
+        intermediate_size=config.llm_intermediate,
+        max_position_embeddings=config.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     model = Qwen2ForCausalLM(model_config)
     model.generation_config.bos_token_id, model.generation_config.eos_token_id = bos, eos
@@ -140,12 +175,15 @@ def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config
     n_params = sum(p.numel() for p in model.parameters())
     n_copy = round(config.lm_batch_size * config.copy_fraction)
     n_qa = round(config.lm_batch_size * config.qa_fraction) if encoded_qa else 0
-    log(f"stand-in LLM: tokenizer {len(tokenizer)} tokens (vocab_size {vocab_size}), {n_params / 1e6:.2f} M "
+    log(
+        f"stand-in LLM: tokenizer {len(tokenizer)} tokens (vocab_size {vocab_size}), {n_params / 1e6:.2f} M "
         f"parameters, {config.lm_steps} steps of batch {config.lm_batch_size} ({n_copy} copy task, "
-        f"{n_qa} question answering over {len(encoded_qa)} pairs), peak LR {config.lm_lr:g}")
+        f"{n_qa} question answering over {len(encoded_qa)} pairs), peak LR {config.lm_lr:g}"
+    )
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lm_lr, betas=(0.9, 0.98),
-                                  weight_decay=config.lm_weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lm_lr, betas=(0.9, 0.98), weight_decay=config.lm_weight_decay
+    )
     rng = np.random.default_rng(config.seed)
     recent_lm: list[float] = []
     recent_copy: list[float] = []
@@ -161,10 +199,13 @@ def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config
             if rng.random() < config.copy_shuffle_fraction:
                 ids = tokenizer.encode(" ".join(rng.permutation(words[i]).tolist()))
             examples.append(_lm_example(ids, True, bos, eos, sep))
-        examples += [_qa_example(*encoded_qa[i], bos, eos, marker)
-                     for i in rng.integers(0, len(encoded_qa) or 1, size=n_qa)]
-        examples += [_lm_example(encoded[i], False, bos, eos, sep)
-                     for i in rng.integers(0, len(encoded), size=config.lm_batch_size - n_copy - n_qa)]
+        examples += [
+            _qa_example(*encoded_qa[i], bos, eos, marker) for i in rng.integers(0, len(encoded_qa) or 1, size=n_qa)
+        ]
+        examples += [
+            _lm_example(encoded[i], False, bos, eos, sep)
+            for i in rng.integers(0, len(encoded), size=config.lm_batch_size - n_copy - n_qa)
+        ]
         batch = _lm_batch(examples, pad)
         set_lr(optimizer, lr_at(step, config.lm_steps, config.lm_warmup_steps, config.lm_lr, config.lr_floor_ratio))
         per_sequence = _token_losses(model, batch, config.bf16)
@@ -173,17 +214,25 @@ def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.lm_grad_clip)
         optimizer.step()
-        for recent, rows in ((recent_copy, per_sequence[:n_copy]), (recent_qa, per_sequence[n_copy:n_copy + n_qa]),
-                             (recent_lm, per_sequence[n_copy + n_qa:])):
+        for recent, rows in (
+            (recent_copy, per_sequence[:n_copy]),
+            (recent_qa, per_sequence[n_copy : n_copy + n_qa]),
+            (recent_lm, per_sequence[n_copy + n_qa :]),
+        ):
             if len(rows):
                 recent.append(rows.mean().item())
         if (step + 1) % config.log_every == 0 or step + 1 == config.lm_steps:
             mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
-            final = {"lm_train_loss": mean(recent_lm), "copy_train_loss": mean(recent_copy),
-                     "qa_train_loss": mean(recent_qa)}
-            log(f"stand-in LLM: step {step + 1}/{config.lm_steps} lm loss {final['lm_train_loss']:.3f} "
+            final = {
+                "lm_train_loss": mean(recent_lm),
+                "copy_train_loss": mean(recent_copy),
+                "qa_train_loss": mean(recent_qa),
+            }
+            log(
+                f"stand-in LLM: step {step + 1}/{config.lm_steps} lm loss {final['lm_train_loss']:.3f} "
                 f"copy loss {final['copy_train_loss']:.3f} qa loss {final['qa_train_loss']:.3f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
             recent_lm, recent_copy, recent_qa = [], [], []
     train_seconds = time.perf_counter() - t0
 
@@ -194,12 +243,20 @@ def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config
         lm_loss = _token_losses(model, check_lm, config.bf16).mean().item()
         copy_loss = _token_losses(model, check_copy, config.bf16).mean().item()
     accuracy = _exact_continuations(model, [([bos, *ids, sep], ids) for ids in encoded_check], eos, pad)
-    qa_accuracy = (_exact_continuations(model, [([bos, *q, marker], a) for q, a in encoded_qa_check], eos, pad)
-                   if encoded_qa_check else float("nan"))
-    log(f"stand-in LLM: held-back lm loss {lm_loss:.3f}, copy loss {copy_loss:.3f}, exact copies "
+    qa_accuracy = (
+        _exact_continuations(model, [([bos, *q, marker], a) for q, a in encoded_qa_check], eos, pad)
+        if encoded_qa_check
+        else float("nan")
+    )
+    log(
+        f"stand-in LLM: held-back lm loss {lm_loss:.3f}, copy loss {copy_loss:.3f}, exact copies "
         f"{accuracy:.0%} of {len(encoded_check)} unseen sentences"
-        + (f", right answers to {qa_accuracy:.0%} of {len(encoded_qa_check)} unseen questions"
-           if encoded_qa_check else ""))
+        + (
+            f", right answers to {qa_accuracy:.0%} of {len(encoded_qa_check)} unseen questions"
+            if encoded_qa_check
+            else ""
+        )
+    )
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -208,9 +265,18 @@ def train_llm(texts: list[str], heldback_texts: list[str], out_dir: Path, config
     reloaded = AutoTokenizer.from_pretrained(out_dir)
     for sample in [*texts[:50], *heldback_texts[:10]]:
         if reloaded.encode(sample) != tokenizer.encode(sample):
-            raise RuntimeError(f"the saved tokenizer reloads as {type(reloaded).__name__} with different ids for "
-                               f"{sample!r}")
-    return {"llm_train_seconds": train_seconds, "llm_total_seconds": time.perf_counter() - started,
-            "llm_params": float(n_params), "tokenizer_size": float(len(tokenizer)), "llm_vocab_size": float(vocab_size),
-            **final, "lm_heldback_loss": lm_loss, "copy_heldback_loss": copy_loss, "copy_heldback_exact": accuracy,
-            "qa_heldback_exact": qa_accuracy}
+            raise RuntimeError(
+                f"the saved tokenizer reloads as {type(reloaded).__name__} with different ids for {sample!r}"
+            )
+    return {
+        "llm_train_seconds": train_seconds,
+        "llm_total_seconds": time.perf_counter() - started,
+        "llm_params": float(n_params),
+        "tokenizer_size": float(len(tokenizer)),
+        "llm_vocab_size": float(vocab_size),
+        **final,
+        "lm_heldback_loss": lm_loss,
+        "copy_heldback_loss": copy_loss,
+        "copy_heldback_exact": accuracy,
+        "qa_heldback_exact": qa_accuracy,
+    }
