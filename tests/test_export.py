@@ -20,7 +20,8 @@ from tests.helpers import (
     tiny_model,
 )
 from training.model import load_omni, save_omni
-from training.model.export import ExportError, export_hf, export_mini_omni, import_mini_omni, main, split_qkv
+from training.model.export import export_hf, export_mini_omni, import_mini_omni, main
+from training.model.litgpt import ExportError, split_qkv
 from training.speech.layout import n_adapter_frames, speech_to_text_example
 
 D, HEADS, GROUPS, HEAD, FFN, LAYERS = GQA_D, GQA_HEADS, GQA_GROUPS, GQA_HEAD, GQA_FFN, GQA_LAYERS
@@ -177,7 +178,7 @@ def test_shapes_that_cannot_agree_are_refused(tiny_checkpoints, tmp_path):
 
 
 def test_split_inverts_fuse():
-    from training.model.export import fuse_qkv
+    from training.model.litgpt import fuse_qkv
 
     q, k, v = torch.randn(14 * 4, 3), torch.randn(2 * 4, 3), torch.randn(2 * 4, 3)
     fused = fuse_qkv(q, k, v, n_head=14, n_groups=2)
@@ -190,7 +191,7 @@ def test_real_recipe_shapes_on_the_meta_device():
     """The mapping table's shape column: the mini-omni recipe (shipped configs, meta device, nothing
     allocated) passes every compatibility check and yields exactly those shapes."""
     from training.model.dry_run import build_meta_model, config_folder
-    from training.model.export import check_compatible, lit_config, lit_state_dict
+    from training.model.litgpt import check_compatible, lit_config, lit_state_dict
     from training.stages import MINI_OMNI
 
     model, _ = build_meta_model(

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # `accelerate launch training/run.py` runs this f
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.recipe_file import load_recipe  # noqa: E402
-from training.stages import RECIPES, STAGE_NAMES, RecipeError, format_stage_table  # noqa: E402
+from training.stages import RECIPES, STAGE_NAMES, Recipe, RecipeError, format_stage_table  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("OMNI_STAGE_CACHE", Path.home() / ".cache" / "omni-stage"))
 
@@ -95,26 +95,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The named recipe with the command line's data and checkpoint flags applied (RecipeError if bad)."""
+    recipe = load_recipe(args.recipe)
+    flags = {
+        "dataset": args.dataset,
+        "audio_column": args.audio_column,
+        "text_column": args.text_column,
+        "qa_dataset": args.qa_dataset,
+        "codec": args.codec,
+    }
+    data_changes = {k: v for k, v in flags.items() if v is not None}
+    if args.skip_bad_rows:
+        data_changes["skip_bad_rows"] = True
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))
+    if args.encoder:
+        recipe = dataclasses.replace(recipe, encoder=args.encoder, llm=args.llm)
+    return recipe
+
+
+def train_stages(ctx, stages: list[str]) -> int:
+    """Run the stages in order; the exit code says how the run ended (see the module docstring)."""
+    from training.data.checks import DataError
+    from training.engine.context import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageOrderError, WerGateFailed
+    from training.engine.sources import load_data_and_pretrained
+    from training.engine.stage import run_stage
+    from training.engine.weights import initial_weights
+
+    try:
+        initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from
+        load_data_and_pretrained(ctx)
+        for i, stage in enumerate(stages):
+            if i > 0:
+                ctx.init_from = None  # later stages chain from the previous export
+            run_stage(ctx, stage)
+    except (StageOrderError, DataError, RecipeError) as err:
+        ctx.log(f"error: {err}")
+        return 2
+    except WerGateFailed as err:
+        ctx.log(f"stopped: {err}")
+        return 3
+    except NonFiniteLoss as err:
+        ctx.log(f"stopped: {err}")
+        return 4
+    except Preempted:
+        return REQUEUE_EXIT_CODE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        recipe = load_recipe(args.recipe)
-        data_changes = {
-            k: v
-            for k, v in (
-                ("dataset", args.dataset),
-                ("audio_column", args.audio_column),
-                ("text_column", args.text_column),
-                ("qa_dataset", args.qa_dataset),
-                ("codec", args.codec),
-            )
-            if v is not None
-        }
-        if args.skip_bad_rows:
-            data_changes["skip_bad_rows"] = True
-        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))
-        if args.encoder:
-            recipe = dataclasses.replace(recipe, encoder=args.encoder, llm=args.llm)
+        recipe = recipe_from_args(args)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -124,21 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         return main_dry_run(recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens)
 
     # Heavy imports only once the arguments are known to be good.
-    from training.data.checks import DataError
     from training.engine.boundary import format_wer_table, write_run_report
-    from training.engine.context import (
-        REQUEUE_EXIT_CODE,
-        NonFiniteLoss,
-        Preempted,
-        RunContext,
-        StageOrderError,
-        WerGateFailed,
-    )
+    from training.engine.context import RunContext
     from training.engine.launch import make_accelerator
     from training.engine.prepare import prepare_only, validate_only
-    from training.engine.sources import load_data_and_pretrained
-    from training.engine.stage import run_stage
-    from training.engine.weights import initial_weights
 
     accelerator = make_accelerator(
         recipe, "none" if args.validate_data or args.prepare else args.report_to, args.output_dir
@@ -168,25 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.init_trackers(
         "tensorboard", config={k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     )
-    code = 0
-    try:
-        initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from
-        load_data_and_pretrained(ctx)
-        for i, stage in enumerate(stages):
-            if i > 0:
-                ctx.init_from = None  # later stages chain from the previous export
-            run_stage(ctx, stage)
-    except (StageOrderError, DataError, RecipeError) as err:
-        ctx.log(f"error: {err}")
-        code = 2
-    except WerGateFailed as err:
-        ctx.log(f"stopped: {err}")
-        code = 3
-    except NonFiniteLoss as err:
-        ctx.log(f"stopped: {err}")
-        code = 4
-    except Preempted:
-        code = REQUEUE_EXIT_CODE
+    code = train_stages(ctx, stages)
     splits = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])
     if ctx.record()["stages"]:
         ctx.log("\nWER per stage boundary\n" + format_wer_table(ctx.record(), splits))

@@ -3,13 +3,14 @@
 No hub is reachable, so the demo makes its own:
 
   espeak.py      espeak-ng through ctypes: voices, synthesis, silence trimming (`speak_clip`)
-  corpus.py      the ASR corpus: sentences from a small grammar, spoken by espeak-ng
+  grammar.py     sentences from a small template grammar
+  corpus.py      the ASR corpus: those sentences spoken by espeak-ng
   qa_corpus.py   the spoken question/answer corpus (facts in qa_facts.py), answers as SNAC codes
   standins/      tiny Whisper encoder and Qwen2 LLM trained on those corpora, saved by path
 
 Everything is built once into the cache folder under a hash of its inputs and loaded from there
 afterwards. The core reaches the demo only through the three functions below. This package may
-import training.common, training.speech.* and third-party libraries (datasets, torch,
+import training.common, training.stages, training.speech.* and third-party libraries (datasets, torch,
 transformers, tokenizers), never training.engine, training.data or training.model, so the demo
 can be left out without touching the core. The facade imports its modules lazily: importing
 `training.demo` loads neither torch nor espeak-ng.

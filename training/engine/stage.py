@@ -18,7 +18,7 @@ from training.engine.launch import check_launch
 from training.engine.loaders import stage_loaders
 from training.engine.prepare import prepared_splits, validate_splits
 from training.engine.progress import StepProgress
-from training.engine.step import StepStats, forward_backward
+from training.engine.step import StepStats, forward_backward, optimizer_step
 from training.engine.weights import PRETRAINED, initial_weights, make_model
 from training.model import is_omni_export, optimizer_groups, parameter_summary, set_trainable
 from training.stages import lr_at
@@ -149,7 +149,7 @@ class StageRun:
         self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
         with StopSignals() as signals, bar:
             while state["step"] < spec.max_steps:
-                metrics = self._optimizer_step()
+                metrics = optimizer_step(self)
                 if metrics is None:
                     skipped_step(self, signals)
                     continue
@@ -169,31 +169,6 @@ class StageRun:
                     )
                     raise Preempted(signals.requested)
         self.log(f"stopped at step {state['step']} ({self.stop_reason})")
-
-    def _optimizer_step(self) -> dict[str, float] | None:
-        """One optimizer step at the schedule's LR; its metrics, or None if it was skipped."""
-        recipe, acc, state, model = self.ctx.recipe, self.ctx.accelerator, self.state, self.model
-        step_clock = time.time()
-        lr = lr_at(self.spec, state["step"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        stats = self.accumulate_step()
-        grad_norm = None
-        if stats is not None:
-            if recipe.max_grad_norm > 0:  # DeepSpeed clips inside its step (the value is the recipe's)
-                grad_norm = acc.clip_grad_norm_(self.trainable, recipe.max_grad_norm)
-            self.optimizer.step()
-        self.optimizer.zero_grad()
-        if stats is None:
-            return None
-        state["nonfinite_in_a_row"] = 0
-        metrics = stats.reduced(acc).metrics(acc.num_processes)
-        if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed engine
-            grad_norm = model.get_global_grad_norm()
-        metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / max(time.time() - step_clock, 1e-9)}
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        return metrics
 
     # -- finish --------------------------------------------------------------------------------
 

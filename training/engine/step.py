@@ -1,11 +1,13 @@
-"""One optimizer step: forward/backward over grad_accum micro-batches with the global-token loss,
-a step whose loss is not finite skipped, and the step's statistics reduced across ranks at once."""
+"""One optimizer step: the LR from the schedule, forward/backward over grad_accum micro-batches with
+the global-token loss, clipping, the update; a step whose loss is not finite skipped; the step's
+statistics reduced across ranks at once."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -14,7 +16,10 @@ from accelerate.utils import DistributedType
 from training.engine.context import NonFiniteLoss
 from training.model import OmniModel, model_inputs
 from training.speech.layout import N_STREAMS
-from training.stages import TASKS
+from training.stages import TASKS, lr_at
+
+if TYPE_CHECKING:
+    from training.engine.stage import StageRun
 
 STREAM_NAMES = tuple(f"audio{i}" for i in range(N_STREAMS - 1)) + ("text",)
 
@@ -134,3 +139,30 @@ def forward_backward(
             done += 1
             stats += StepStats.of_micro_batch(loss, out, batch, grad_accum)
     return stats
+
+
+def optimizer_step(run: StageRun) -> dict[str, float] | None:
+    """One optimizer step of `run` at the schedule's LR: forward/backward, clip, update. Its metrics,
+    or None if it was skipped (non-finite loss)."""
+    recipe, acc, state, model = run.ctx.recipe, run.ctx.accelerator, run.state, run.model
+    step_clock = time.time()
+    lr = lr_at(run.spec, state["step"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    stats = run.accumulate_step()
+    grad_norm = None
+    if stats is not None:
+        if recipe.max_grad_norm > 0:  # DeepSpeed clips inside its step (the value is the recipe's)
+            grad_norm = acc.clip_grad_norm_(run.trainable, recipe.max_grad_norm)
+        run.optimizer.step()
+    run.optimizer.zero_grad()
+    if stats is None:
+        return None
+    state["nonfinite_in_a_row"] = 0
+    metrics = stats.reduced(acc).metrics(acc.num_processes)
+    if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed engine
+        grad_norm = model.get_global_grad_norm()
+    metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / max(time.time() - step_clock, 1e-9)}
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics

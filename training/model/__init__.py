@@ -5,6 +5,7 @@
                 export, what a stage trains (set_trainable, optimizer_groups)
   inference.py  batched greedy decoding of text + 7 SNAC streams with a KV cache; speech out (CLI)
   export.py     Mini-Omni's litgpt checkpoint and a Hugging Face folder, both ways (CLI)
+  litgpt.py     Mini-Omni's litgpt names, fused QKV layout and config keys (used by export.py)
   dry_run.py    the model on the meta device: parameters, memory per GPU, tokens per step
   untrained.py  random-weight checkpoints of given shapes, saved like real ones (tests, benchmarks)
 
