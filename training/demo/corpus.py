@@ -44,6 +44,7 @@ __all__ = [
     "load_corpus",
     "make_sentences",
     "split_sentences",
+    "split_voices",
     "text_only_sentences",
 ]
 
@@ -133,6 +134,11 @@ def check_corpus_config(config, unit: str = "utterance") -> None:
     check_voices(config.train_voices, config.heldout_voices)
 
 
+def split_voices(config) -> dict[str, tuple[VoiceSpec, ...]]:
+    """Who speaks each split: dev in the training voices (new sentences), heldout in voices never trained on."""
+    return {"train": config.train_voices, "dev": config.train_voices, "heldout": config.heldout_voices}
+
+
 def config_hash(config: CorpusConfig) -> str:
     text = json.dumps(dataclasses.asdict(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -190,7 +196,7 @@ def build_corpus(cache_dir: str | Path, config: CorpusConfig = CorpusConfig(), l
 
     started = time.perf_counter()
     pools = split_sentences(config)
-    voices = {"train": config.train_voices, "dev": config.train_voices, "heldout": config.heldout_voices}
+    voices = split_voices(config)
     rng = random.Random(config.seed + 1)  # jitter stream, independent of the sentence stream
     splits: dict[str, Dataset] = {}
     for name in SPLITS:

@@ -84,7 +84,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 
 from training.common import LogFn, build_once
-from training.demo.corpus import SPLITS, CorpusConfig, audio_dataset, check_corpus_config, load_corpus
+from training.demo.corpus import SPLITS, CorpusConfig, audio_dataset, check_corpus_config, load_corpus, split_voices
 from training.demo.espeak import ESPEAK_SAMPLE_RATE, VoiceSpec, speak_clip
 from training.demo.qa_facts import RELATIONS
 from training.speech.audio import wav_bytes
@@ -299,7 +299,7 @@ def build_qa_corpus(
 
     started = time.perf_counter()
     pools = split_questions(config)
-    voices = {"train": config.train_voices, "dev": config.train_voices, "heldout": config.heldout_voices}
+    voices = split_voices(config)
     sizes = {"train": config.n_train, "dev": config.n_dev, "heldout": config.n_heldout}
     rows = {name: _rows(pools[name], sizes[name], voices[name]) for name in SPLITS}
 

@@ -66,6 +66,16 @@ def transcribe(
     return predictions, references
 
 
+def decode_in_eval_mode(
+    accelerator: Accelerator, model, loader: DataLoader, tokenizer, max_new_tokens: int, task: str
+) -> tuple[list[str], list[str]]:
+    """`transcribe` with the model in eval mode, back in train mode after."""
+    model.eval()
+    predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens, task=task)
+    model.train()
+    return predictions, references
+
+
 def word_error_rate(predictions: list[str], references: list[str]) -> dict[str, float]:
     """WER after Whisper normalization of both sides."""
     preds = [normalize(p) for p in predictions]
@@ -81,9 +91,7 @@ def evaluate_wer(
     tokenizer,
     max_new_tokens: int,
 ) -> tuple[dict[str, float], list[tuple[str, str]]]:
-    model.eval()
-    predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens)
-    model.train()
+    predictions, references = decode_in_eval_mode(accelerator, model, loader, tokenizer, max_new_tokens, "asr")
     return word_error_rate(predictions, references), list(zip(references, predictions))
 
 
@@ -96,9 +104,7 @@ def answer_accuracy(
 ) -> tuple[dict[str, float], list[tuple[str, str]]]:
     """A1T2 on held-out spoken questions: greedy text answers, exact match after Whisper
     normalization, each question counted once."""
-    model.eval()
-    predictions, references = transcribe(accelerator, model, loader, tokenizer, max_new_tokens, task="a1t2")
-    model.train()
+    predictions, references = decode_in_eval_mode(accelerator, model, loader, tokenizer, max_new_tokens, "a1t2")
     hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
     return {"accuracy": hits / len(references), "questions": len(references)}, list(zip(references, predictions))
 
