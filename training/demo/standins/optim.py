@@ -1,22 +1,24 @@
-"""The stand-ins' LR and bf16 autocast, shared by the encoder and LLM trainings.
+"""The stand-ins' own LR schedule and bf16 autocast, shared by the encoder and LLM trainings.
 
-The schedule is the project's one warm-up + cosine shape (training/stages.py `warmup_cosine`),
-set from the stand-in config: warm-up from peak / warmup_steps, decay to floor_ratio x peak.
-The stand-ins' cache key covers the config, not this code: a change here bumps RECIPE_VERSION.
+Their own, not the recipe's: the stand-ins' cache key covers the config, not this code, so the
+schedule stays exactly as it is (changing it means bumping RECIPE_VERSION).
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
-from training.stages import warmup_cosine
+import torch
 
 __all__ = ["bf16_autocast", "lr_at", "set_lr"]
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor_ratio: float) -> float:
-    """Linear warm-up from peak / warmup to `peak`, then cosine decay to `floor_ratio * peak` at `total`."""
-    return warmup_cosine(step, warmup, total, peak / max(1, warmup), peak, peak * floor_ratio)
+    """Linear warm-up to `peak`, then cosine decay to `floor_ratio * peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
