@@ -306,3 +306,21 @@ def test_prepare_encodes_once_and_stages_reuse_it(tmp_path, tiny_checkpoints, ca
     assert "encoding dataset" not in capsys.readouterr().err  # the map's progress bar never started
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").glob("prepared-*.arrow")}
     assert after == cached
+
+
+@pytest.mark.parametrize(
+    "dataset, expected",
+    [
+        ("/nonexistent/asr-set", "dataset '/nonexistent/asr-set': no such folder"),
+        ("./not-here", "dataset './not-here': no such folder"),
+        ("someone/no-such-dataset", "dataset 'someone/no-such-dataset': no such local folder, and loading it as a hub"),
+    ],
+)
+def test_missing_dataset_is_one_clear_error(tmp_path, tiny_checkpoints, capsys, monkeypatch, dataset, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id must fail fast and be named, never be fetched
+    code = _run(tmp_path, tiny_checkpoints, "--dataset", dataset)
+    out = capsys.readouterr()
+    assert code == 2
+    assert expected in out.out + out.err
+    assert "Traceback" not in out.out + out.err

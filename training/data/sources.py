@@ -24,7 +24,7 @@ EMBEDDED_QA = "embedded QA corpus"
 
 def load_source(where: str) -> datasets.DatasetDict:
     """A user's dataset: a save_to_disk folder, an audiofolder, or a hub id."""
-    path = Path(where)
+    path = Path(where).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -32,7 +32,16 @@ def load_source(where: str) -> datasets.DatasetDict:
         return datasets.load_dataset("audiofolder", data_dir=str(path))
     if path.exists():
         raise DataError(f"dataset '{where}': expected a folder (save_to_disk or audiofolder) or a hub id")
-    return datasets.load_dataset(where)
+    if path.is_absolute() or where.startswith((".", "~")):
+        raise DataError(f"dataset '{where}': no such folder")
+    try:
+        return datasets.load_dataset(where)
+    except Exception as err:  # noqa: BLE001 - an unknown id, no network, a broken repo: all one message
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"dataset '{where}': no such local folder, and loading it as a hub dataset failed "
+            f"({type(err).__name__}: {reason})"
+        ) from err
 
 
 def asr_splits(source: datasets.DatasetDict, name: str, spec: DataSpec) -> dict[str, datasets.Dataset]:
