@@ -6,6 +6,9 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING, Any
 
+import torch
+from accelerate import Accelerator
+
 from training.engine.context import NonFiniteLoss, Preempted
 
 if TYPE_CHECKING:
@@ -34,6 +37,18 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self, acc: Accelerator) -> str | None:
+        """The stop request as every rank sees it. A signal reaches each rank at its own moment; a
+        rank that checkpoints (a collective) while another starts the next step would deadlock
+        both, so the ranks agree after every step (one all-reduce of one number)."""
+        if acc.num_processes == 1:
+            return self.requested
+        local = float(signal.Signals[self.requested].value) if self.requested else 0.0
+        number = int(acc.reduce(torch.tensor([local], device=acc.device), reduction="max").item())
+        if number and self.requested is None:
+            self.requested = signal.Signals(number).name
+        return self.requested if number else None
+
 
 def skipped_step(run: StageRun, signals: StopSignals) -> None:
     """Count a step skipped for a non-finite loss; stop the run (checkpoint saved) after
@@ -45,15 +60,16 @@ def skipped_step(run: StageRun, signals: StopSignals) -> None:
         f"step {state['step'] + 1}: non-finite loss, update skipped "
         f"({state['nonfinite_in_a_row']} in a row, {state['skipped_steps']} in this stage)"
     )
-    if state["nonfinite_in_a_row"] >= patience or signals.requested:
+    stop = signals.agreed(run.ctx.accelerator)
+    if state["nonfinite_in_a_row"] >= patience or stop:
         run.save_checkpoint()
     if state["nonfinite_in_a_row"] >= patience:
         raise NonFiniteLoss(
             f"[{run.stage}] {patience} steps in a row had a non-finite loss (step {state['step']}); "
             f"checkpoint saved in {run.dir}. Lower the LR peak, check the data, or use fp32."
         )
-    if signals.requested:
-        raise Preempted(signals.requested)
+    if stop:
+        raise Preempted(stop)
 
 
 def early_stopping(run: StageRun) -> bool:

@@ -161,13 +161,14 @@ class StageRun:
                     break
                 if state["step"] % self.ctx.recipe.save_every == 0:
                     self.save_checkpoint()
-                if signals.requested:
+                stop = signals.agreed(acc)
+                if stop:
                     self.save_checkpoint()
                     self.log(
-                        f"{signals.requested}: checkpoint saved at step {state['step']}; "
+                        f"{stop}: checkpoint saved at step {state['step']}; "
                         f"exiting with {REQUEUE_EXIT_CODE} (rerun the same command to resume)"
                     )
-                    raise Preempted(signals.requested)
+                    raise Preempted(stop)
         self.log(f"stopped at step {state['step']} ({self.stop_reason})")
 
     # -- finish --------------------------------------------------------------------------------
