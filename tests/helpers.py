@@ -1,5 +1,7 @@
 """The one place that builds tiny models for tests: shapes of the random Whisper/Qwen2 checkpoints
-saved by path (training.model.untrained), and the seeded build of the model on top of them.
+saved by path (training.model.untrained), and the seeded build of the model on top of them; and the
+arguments and per-step losses of a short `--stage asr` run, which the process-launching tests
+(resume, distributed, SLURM) all compare.
 
 Tests compare numbers, so what these build must stay bit-identical: the checkpoint weights depend
 on `save_untrained_checkpoints`' own seed only, and `tiny_model` seeds the global RNG right before
@@ -10,6 +12,7 @@ Imported as `from tests.helpers import ...` (pyproject.toml puts the repository 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +95,24 @@ def scramble(model, seed: int = 0) -> None:
             weight.add_(torch.randn(weight.shape, generator=g) * weight.std())
         for p in model.adapter.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def asr_run_args(recipe: str, cache_dir: Path, out: Path, steps: int) -> list[str]:
+    """training/run.py's arguments for a `steps`-step asr stage of `recipe` into `out`."""
+    return [
+        "--stage",
+        "asr",
+        "--recipe",
+        recipe,
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+        "--max-steps",
+        str(steps),
+    ]
+
+
+def asr_losses(out: Path) -> list[float]:
+    """The per-step training losses an asr run wrote to its metrics.jsonl."""
+    return [json.loads(line)["loss"] for line in (out / "asr" / "metrics.jsonl").read_text().splitlines()]

@@ -20,6 +20,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from tests.helpers import asr_losses, asr_run_args
 from training.data import batching as data_lib
 from training.engine.checkpoints import StageCheckpoints
 from training.engine.context import RunContext
@@ -42,16 +43,7 @@ def _launch(profile: str, recipe: str, cache_dir: Path, out: Path, **popen) -> s
         "--config_file",
         str(ROOT / "accelerate_configs" / profile),
         str(ROOT / "training" / "run.py"),
-        "--stage",
-        "asr",
-        "--recipe",
-        recipe,
-        "--output-dir",
-        str(out),
-        "--cache-dir",
-        str(cache_dir),
-        "--max-steps",
-        str(STEPS),
+        *asr_run_args(recipe, cache_dir, out, STEPS),
     ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -64,11 +56,7 @@ def _run(profile: str, recipe: str, cache_dir: Path, out: Path) -> dict:
     # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run: the run
     # is judged by its record and final log line then.
     assert done and (proc.returncode == 0 or "[asr] done:" in output), output[-4000:]
-    return {"losses": _losses(out), "record": record["stages"]["asr"], "output": output, "dir": out}
-
-
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "asr" / "metrics.jsonl").read_text().splitlines()]
+    return {"losses": asr_losses(out), "record": record["stages"]["asr"], "output": output, "dir": out}
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import asr_losses, asr_run_args
 from training.common import atomic_dir
 from training.engine.checkpoints import StageCheckpoints
 from training.engine.context import REQUEUE_EXIT_CODE
@@ -19,26 +20,7 @@ STEPS = 24
 
 
 def _command(recipe: str, cache_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "training" / "run.py"),
-        "--stage",
-        "asr",
-        "--recipe",
-        recipe,
-        "--output-dir",
-        str(out),
-        "--cache-dir",
-        str(cache_dir),
-        "--max-steps",
-        str(STEPS),
-        *extra,
-    ]
-
-
-def _losses(out: Path) -> list[float]:
-    lines = (out / "asr" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    return [sys.executable, str(ROOT / "training" / "run.py"), *asr_run_args(recipe, cache_dir, out, STEPS), *extra]
 
 
 def _run_until(cmd: list[str], out: Path, step: int, sig: int) -> subprocess.Popen:
@@ -68,7 +50,7 @@ def resume_recipe(tmp_path_factory, quick_recipe) -> str:
 def uninterrupted(resume_recipe, cache_dir, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("straight")
     subprocess.run(_command(resume_recipe, cache_dir, out), check=True, cwd=ROOT, capture_output=True)
-    losses = _losses(out)
+    losses = asr_losses(out)
     assert len(losses) == STEPS
     return losses
 
@@ -76,7 +58,7 @@ def uninterrupted(resume_recipe, cache_dir, tmp_path_factory) -> list[float]:
 def test_sigkill_then_resume_gives_identical_losses(resume_recipe, cache_dir, tmp_path, uninterrupted):
     proc = _run_until(_command(resume_recipe, cache_dir, tmp_path), tmp_path, step=13, sig=signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
-    logged = len(_losses(tmp_path))
+    logged = len(asr_losses(tmp_path))
     latest = StageCheckpoints(tmp_path / "asr", keep_last=2).latest()
     saved_step = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert saved_step % 5 == 0 and saved_step < logged  # killed past the last checkpoint: work to redo
@@ -84,7 +66,7 @@ def test_sigkill_then_resume_gives_identical_losses(resume_recipe, cache_dir, tm
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"at step {saved_step}" in resumed.stdout
     # CPU, same seed, same data order, restored RNG and optimizer state: bit-for-bit the same
-    assert _losses(tmp_path) == uninterrupted
+    assert asr_losses(tmp_path) == uninterrupted
 
 
 def test_sigterm_checkpoints_and_exits_with_requeue_code(resume_recipe, cache_dir, tmp_path, uninterrupted):
@@ -96,7 +78,7 @@ def test_sigterm_checkpoints_and_exits_with_requeue_code(resume_recipe, cache_di
     assert 7 <= stopped_at < STEPS and f"checkpoint saved at step {stopped_at}" in output
     resumed = subprocess.run(_command(resume_recipe, cache_dir, tmp_path), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert _losses(tmp_path) == uninterrupted
+    assert asr_losses(tmp_path) == uninterrupted
     record = json.loads((tmp_path / "run_record.json").read_text())
     assert record["stages"]["asr"]["final_train_loss"] == pytest.approx(sum(uninterrupted[-10:]) / 10)
 

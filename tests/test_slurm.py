@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import asr_losses, asr_run_args
 from training.engine.checkpoints import StageCheckpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,21 +334,6 @@ def job_env(cluster) -> dict[str, str]:
     }
 
 
-def _training_args(recipe: str, cache_dir: Path, out: Path) -> list[str]:
-    return [
-        "--stage",
-        "asr",
-        "--recipe",
-        recipe,
-        "--output-dir",
-        str(out),
-        "--cache-dir",
-        str(cache_dir),
-        "--max-steps",
-        str(STEPS),
-    ]
-
-
 def _submit(env: dict[str, str], logs: Path, *args: str, profile: str = CPU_PROFILE) -> str:
     """sbatch the project's script as it is: only sbatch options and script arguments."""
     out = _run(
@@ -384,10 +370,6 @@ def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
 
 
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "asr" / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def built_cache(quick_recipe, cache_dir, tmp_path_factory) -> Path:
     """The quick corpus and stand-ins, built here (once per machine) rather than inside a job."""
@@ -412,7 +394,7 @@ def two_node_run(cluster, built_cache, job_env, quick_recipe, tmp_path_factory):
     """One uninterrupted 2-node x 1-process DDP job: (run dir, job log, final job record)."""
     cache_dir = built_cache
     base = tmp_path_factory.mktemp("slurm-straight")
-    job_id = _submit(job_env, base, *_training_args(quick_recipe, cache_dir, base / "run"))
+    job_id = _submit(job_env, base, *asr_run_args(quick_recipe, cache_dir, base / "run", STEPS))
     log = base / f"slurm-{job_id}.out"
     job = _wait_done(cluster, job_id, log)
     return base / "run", log, job
@@ -451,7 +433,7 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
             "--main_process_port",
             str(_free_port()),
             "training/run.py",
-            *_training_args(quick_recipe, cache_dir, reference),
+            *asr_run_args(quick_recipe, cache_dir, reference, STEPS),
         ],
         cwd=ROOT,
         env=env,
@@ -460,7 +442,7 @@ def test_two_node_job_trains_like_one_node_two_processes(two_node_run, quick_rec
         timeout=600,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    two_nodes, one_node = _losses(out), _losses(reference)
+    two_nodes, one_node = asr_losses(out), asr_losses(reference)
     assert len(two_nodes) == len(one_node) == STEPS
     worst = max(abs(a - b) for a, b in zip(two_nodes, one_node))
     print(f"2 nodes x 1 vs 1 node x 2: largest per-step loss difference {worst:.3g} over {STEPS} steps")
@@ -471,7 +453,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     cluster, job_env, two_node_run, quick_recipe, cache_dir, tmp_path
 ):
     out = tmp_path / "run"
-    job_id = _submit(job_env, tmp_path, *_training_args(quick_recipe, cache_dir, out))
+    job_id = _submit(job_env, tmp_path, *asr_run_args(quick_recipe, cache_dir, out, STEPS))
     log = tmp_path / f"slurm-{job_id}.out"
     metrics = out / "asr" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -493,8 +475,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     assert "requeueing" in text and f"job {job_id} restart 1:" in text, text[-4000:]
     assert re.search(rf"resumed from \S+step-0*{step} at step {step}$", text, re.M), text[-4000:]
 
-    straight = _losses(two_node_run[0])
-    resumed = _losses(out)
+    straight = asr_losses(two_node_run[0])
+    resumed = asr_losses(out)
     assert len(resumed) == STEPS
     print(f"preempted at step {step}: final loss {resumed[-1]!r} vs uninterrupted {straight[-1]!r}")
     assert abs(resumed[-1] - straight[-1]) <= LOSS_TOLERANCE
@@ -506,7 +488,7 @@ def test_two_node_zero3_job_matches_ddp(cluster, job_env, two_node_run, quick_re
     job_id = _submit(
         job_env,
         tmp_path,
-        *_training_args(quick_recipe, cache_dir, out),
+        *asr_run_args(quick_recipe, cache_dir, out, STEPS),
         profile="accelerate_configs/multinode_cpu_zero3.yaml",
     )
     log = tmp_path / f"slurm-{job_id}.out"
@@ -519,7 +501,7 @@ def test_two_node_zero3_job_matches_ddp(cluster, job_env, two_node_run, quick_re
     latest = StageCheckpoints(out / "asr", keep_last=2).latest()
     shards = sorted(p.name for p in (latest / "pytorch_model").glob("zero_pp_rank_*_model_states.pt"))
     assert len(shards) == 2, shards  # one ZeRO-3 partition per node
-    zero3, ddp = _losses(out), _losses(two_node_run[0])
+    zero3, ddp = asr_losses(out), asr_losses(two_node_run[0])
     assert len(zero3) == STEPS
     worst = max(abs(a - b) for a, b in zip(zero3, ddp))
     print(f"ZeRO-3 vs DDP on 2 nodes: largest per-step loss difference {worst:.3g}")
