@@ -311,9 +311,12 @@ def test_prepare_encodes_once_and_stages_reuse_it(tmp_path, tiny_checkpoints, ca
 @pytest.mark.parametrize(
     "dataset, expected",
     [
-        ("/nonexistent/asr-set", "dataset '/nonexistent/asr-set': no such folder"),
-        ("./not-here", "dataset './not-here': no such folder"),
-        ("someone/no-such-dataset", "dataset 'someone/no-such-dataset': no such local folder, and loading it as a hub"),
+        ("/nonexistent/asr-set", "dataset '/nonexistent/asr-set': no such folder or file"),
+        ("./not-here", "dataset './not-here': no such folder or file"),
+        (
+            "someone/no-such-dataset",
+            "dataset 'someone/no-such-dataset': no such local folder or file, and loading it as a hub",
+        ),
     ],
 )
 def test_missing_dataset_is_one_clear_error(tmp_path, tiny_checkpoints, capsys, monkeypatch, dataset, expected):

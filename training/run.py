@@ -40,9 +40,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-from", type=Path, help="start the (first) stage from this stage export instead")
     parser.add_argument("--encoder", help="Whisper checkpoint (path or hub id); overrides the recipe")
     parser.add_argument("--llm", help="Qwen2 checkpoint (path or hub id); overrides the recipe")
-    parser.add_argument("--dataset", help="datasets source: save_to_disk folder, audiofolder or hub id")
-    parser.add_argument("--audio-column", help="audio column name (default: audio)")
-    parser.add_argument("--text-column", help="transcript column name (default: text)")
+    parser.add_argument(
+        "--dataset",
+        help="speech data: a save_to_disk folder, an audiofolder, a JSONL/CSV/TSV manifest or a folder of "
+        "them (NeMo, Common Voice), Parquet files, or a hub id (README: Bring your own data)",
+    )
+    parser.add_argument("--audio-column", help="audio column (default: recognized: audio, audio_filepath, path, file)")
+    parser.add_argument(
+        "--text-column", help="transcript column (default: recognized: text, sentence, transcription, ...)"
+    )
+    parser.add_argument("--train-split", help="training split (default: 'train', or the only split)")
+    parser.add_argument(
+        "--heldout-split",
+        help="held-out split, never read while training (default: heldout, test, validation or dev; "
+        "else a seeded slice of train)",
+    )
+    parser.add_argument(
+        "--dev-split",
+        help="early-stopping split (default: dev, validation or valid; else a seeded slice of train); "
+        "'none': no early stopping",
+    )
     parser.add_argument(
         "--qa-dataset",
         help="spoken QA source for the later stages' tasks (our schema or "
@@ -102,6 +119,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         "dataset": args.dataset,
         "audio_column": args.audio_column,
         "text_column": args.text_column,
+        "train_split": args.train_split,
+        "heldout_split": args.heldout_split,
+        "dev_split": args.dev_split,
         "qa_dataset": args.qa_dataset,
         "codec": args.codec,
     }
@@ -190,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         "tensorboard", config={k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     )
     code = train_stages(ctx, stages)
-    splits = [recipe.data.heldout_split] + ([recipe.data.dev_split] if recipe.data.dev_split else [])
+    data = ctx.recipe.data  # the splits the run chose
+    splits = [data.heldout_split] + ([data.dev_split] if data.dev_split else [])
     if ctx.record()["stages"]:
         ctx.log("\nWER per stage boundary\n" + format_wer_table(ctx.record(), splits))
         write_run_report(ctx)

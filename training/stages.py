@@ -158,12 +158,19 @@ SEED_STAGES: tuple[StageSpec, ...] = (
 class DataSpec:
     """Where the speech comes from. dataset=None means the embedded synthesized corpus."""
 
-    dataset: str | None = None  # local save_to_disk folder, audiofolder, or hub id
-    train_split: str = "train"
-    heldout_split: str = "heldout"  # WER gate; for the demo: voices AND sentences never trained on
-    dev_split: str | None = "dev"  # early-stop signal (None: use heldout_split)
-    audio_column: str = "audio"
-    text_column: str = "text"
+    dataset: str | None = None  # a folder or file in any format training/data/formats.py reads, or a hub id
+    # Splits by name; None = recognized by their common names (train; heldout/test/validation/dev;
+    # dev/validation/valid), or, when absent, a seeded slice of train (training/data/splits.py).
+    # The held-out split is never read during training; early stopping reads the dev split, and
+    # dev_split "none" turns early stopping off.
+    train_split: str | None = None
+    heldout_split: str | None = None  # WER gate; for the demo: voices AND sentences never trained on
+    dev_split: str | None = None
+    carve_fraction: float = 0.05  # share of train held out as a missing split (at least 1 row) ...
+    carve_max_rows: int = 500  # ... and at most this many
+    # Columns by name; None = recognized by their common names (training/data/columns.py).
+    audio_column: str | None = None
+    text_column: str | None = None
     max_eval_examples: int | None = None  # subsample eval splits (None = all)
     # Spoken question answering (tasks a1t2, t1t2, a1a2, t1a2): None = the embedded QA corpus;
     # "none" = no QA data (stages train their ASR share only); else a save_to_disk folder or hub

@@ -1,70 +1,106 @@
 """Data sources: where a run's splits come from, behind one interface.
 
-A source is a `datasets.DatasetDict` and a name for messages. A user's source is a folder written
-by ``save_to_disk``, an audiofolder, or a hub id (`load_source`); the demo's synthesized corpora
-are sources too (built in training/demo, handed in by the engine). `asr_splits` and `qa_splits`
-then take from any source the splits the recipe names, check their columns, and leave the audio
-columns undecoded (soundfile decodes them later: no FFmpeg needed).
+A source (`training.data.formats.Source`) is a dataset's splits, read on demand, and a name for
+messages. A user's source is any folder or file `--dataset` accepts, or a hub id (`load_source`);
+the demo's synthesized corpora are sources too (built in training/demo, handed in by the engine).
+`asr_splits` and `qa_splits` then choose the splits (training/data/splits.py) and columns
+(training/data/columns.py), check the columns' types, and leave the audio undecoded (soundfile
+decodes it later: no FFmpeg needed). What they chose comes back as a resolved `DataSpec`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 
 from training.data.checks import DataError, check_column_types
+from training.data.columns import AUDIO_NAMES, TEXT_FALLBACK_NAMES, TEXT_NAMES, pick_column
+from training.data.formats import Source, read_file, read_folder
+from training.data.splits import choose_splits
 from training.stages import DataSpec
 
 EMBEDDED = "embedded corpus"
 EMBEDDED_QA = "embedded QA corpus"
 
 
-def load_source(where: str) -> datasets.DatasetDict:
-    """A user's dataset: a save_to_disk folder, an audiofolder, or a hub id."""
+@dataclasses.dataclass
+class Chosen:
+    """Splits by name, the spec with every split and column name resolved, and what was decided."""
+
+    splits: dict[str, datasets.Dataset]
+    spec: DataSpec
+    notes: list[str]
+
+
+def load_source(where: str, audio_columns: Sequence[str] = AUDIO_NAMES) -> Source:
+    """A user's dataset: a local folder or manifest file in any format formats.py reads, or a hub
+    id. `audio_columns` are the manifest columns that hold audio file paths."""
     path = Path(where).expanduser()
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-        return datasets.load_dataset("audiofolder", data_dir=str(path))
-    if path.exists():
-        raise DataError(f"dataset '{where}': expected a folder (save_to_disk or audiofolder) or a hub id")
+        return read_folder(path, where, audio_columns)
+    if path.is_file():
+        return read_file(path, where, audio_columns)
     if path.is_absolute() or where.startswith((".", "~")):
-        raise DataError(f"dataset '{where}': no such folder")
+        raise DataError(f"dataset '{where}': no such folder or file")
     try:
-        return datasets.load_dataset(where)
+        return Source.of(datasets.load_dataset(where), where, "hub dataset")
     except Exception as err:  # noqa: BLE001 - an unknown id, no network, a broken repo: all one message
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(
-            f"dataset '{where}': no such local folder, and loading it as a hub dataset failed "
+            f"dataset '{where}': no such local folder or file, and loading it as a hub dataset failed "
             f"({type(err).__name__}: {reason})"
         ) from err
 
 
-def asr_splits(source: datasets.DatasetDict, name: str, spec: DataSpec) -> dict[str, datasets.Dataset]:
-    """The training split and the evaluation splits (audio + transcript), audio column undecoded."""
+def asr_audio_columns(spec: DataSpec) -> tuple[str, ...]:
+    return (spec.audio_column,) if spec.audio_column else AUDIO_NAMES
+
+
+def asr_splits(source: Source, spec: DataSpec, seed: int) -> Chosen:
+    """The training split and the evaluation splits (audio + transcript), audio undecoded."""
+    choice = choose_splits(
+        source, spec.train_split, spec.heldout_split, spec.dev_split, seed, spec.carve_fraction, spec.carve_max_rows
+    )
+    train_where = f"dataset '{source.name}', split '{choice.train}'"
+    columns = choice.splits[choice.train].column_names
+    audio = pick_column(columns, spec.audio_column, "audio", "--audio-column", train_where, AUDIO_NAMES)
+    text = pick_column(
+        columns, spec.text_column, "transcript", "--text-column", train_where, TEXT_NAMES, TEXT_FALLBACK_NAMES
+    )
+    spec = dataclasses.replace(
+        spec,
+        train_split=choice.train,
+        heldout_split=choice.heldout,
+        dev_split=choice.dev,  # None: no dev split (early stopping off)
+        audio_column=audio,
+        text_column=text,
+    )
     splits = {}
-    for split, where, ds in _required_splits(
-        source, name, (spec.train_split, spec.heldout_split, spec.dev_split), (spec.audio_column, spec.text_column)
-    ):
+    for split, ds in choice.splits.items():
+        where = f"dataset '{source.name}', split '{split}'"
+        for column in (audio, text):
+            if column not in ds.column_names:
+                raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
         check_column_types(ds, where, spec)
-        splits[split] = _undecoded_and_cut(ds, split, spec, (spec.audio_column,))
-    return splits
+        splits[split] = _undecoded_and_cut(ds, split == choice.train, spec, (audio,))
+    notes = [f"dataset '{source.name}' ({source.kind}): " + _describe(splits, spec), *choice.notes]
+    return Chosen(splits, spec, notes)
 
 
-def qa_splits(source: datasets.DatasetDict, name: str, spec: DataSpec) -> dict[str, datasets.Dataset]:
+def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_as: str) -> Chosen:
     """Spoken question answering splits, our schema or VoiceAssistant-400K's; answer speech as
-    answer_snac strings or as answer audio."""
+    answer_snac strings or as answer audio. Chosen like the ASR splits (no dev split), and keyed
+    by the ASR run's split names `train_as` and `heldout_as`, which is how the stages look them up."""
+    choice = choose_splits(source, None, None, None, seed, spec.carve_fraction, spec.carve_max_rows, with_dev=False)
     splits = {}
-    for split, where, ds in _required_splits(
-        source,
-        name,
-        (spec.train_split, spec.heldout_split),
-        (spec.question_column, spec.question_audio_column, spec.answer_column),
-    ):
+    for split, key in ((choice.train, train_as), (choice.heldout, heldout_as)):
+        ds, where = choice.splits[split], f"dataset '{source.name}', split '{split}'"
+        for column in (spec.question_column, spec.question_audio_column, spec.answer_column):
+            if column not in ds.column_names:
+                raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
         check_column_types(
             ds,
             where,
@@ -74,31 +110,30 @@ def qa_splits(source: datasets.DatasetDict, name: str, spec: DataSpec) -> dict[s
             feature = ds.features.get(column)
             if feature is not None and not (isinstance(feature, datasets.Value) and "string" in feature.dtype):
                 raise DataError(f"{where}, column '{column}': expected a string column, got {feature}")
-        splits[split] = _undecoded_and_cut(ds, split, spec, (spec.question_audio_column, spec.answer_audio_column))
-    return splits
+        splits[key] = _undecoded_and_cut(
+            ds, split == choice.train, spec, (spec.question_audio_column, spec.answer_audio_column)
+        )
+    renamed = "" if (choice.train, choice.heldout) == (train_as, heldout_as) else " (named as the ASR splits)"
+    notes = [
+        f"QA dataset '{source.name}' ({source.kind}): train '{choice.train}' {len(splits[train_as]):,} rows, "
+        f"held-out '{choice.heldout}' {len(splits[heldout_as]):,} rows{renamed}",
+        *choice.notes,
+    ]
+    return Chosen(splits, spec, notes)
 
 
 def has_answer_speech(ds: datasets.Dataset, spec: DataSpec) -> bool:
     return spec.answer_snac_column in ds.column_names or spec.answer_audio_column in ds.column_names
 
 
-def _required_splits(
-    source: datasets.DatasetDict, name: str, split_names: Sequence[str | None], columns: Sequence[str]
-) -> Iterator[tuple[str, str, datasets.Dataset]]:
-    """(split, "dataset 'name', split 'split'", dataset) for each named split, which must exist
-    and hold `columns`; the error names what is missing and what is there."""
-    for split in dict.fromkeys(s for s in split_names if s):
-        if split not in source:
-            raise DataError(f"dataset '{name}': no split '{split}' (it has {sorted(source)})")
-        ds, where = source[split], f"dataset '{name}', split '{split}'"
-        for column in columns:
-            if column not in ds.column_names:
-                raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
-        yield split, where, ds
+def _describe(splits: dict[str, datasets.Dataset], spec: DataSpec) -> str:
+    roles = [("train", spec.train_split), ("held-out", spec.heldout_split), ("dev", spec.dev_split)]
+    shown = ", ".join(f"{role} '{name}' {len(splits[name]):,} rows" for role, name in roles if name in splits)
+    return f"{shown}; audio column '{spec.audio_column}', transcript column '{spec.text_column}'"
 
 
 def _undecoded_and_cut(
-    ds: datasets.Dataset, split: str, spec: DataSpec, audio_columns: Sequence[str]
+    ds: datasets.Dataset, is_train: bool, spec: DataSpec, audio_columns: Sequence[str]
 ) -> datasets.Dataset:
     """Audio columns left undecoded (we decode ourselves: no FFmpeg needed); evaluation splits cut
     to spec.max_eval_examples."""
@@ -106,6 +141,6 @@ def _undecoded_and_cut(
         feature = ds.features.get(column)
         if isinstance(feature, datasets.Audio) and feature.decode:
             ds = ds.cast_column(column, datasets.Audio(decode=False))
-    if spec.max_eval_examples is not None and split != spec.train_split and len(ds) > spec.max_eval_examples:
+    if spec.max_eval_examples is not None and not is_train and len(ds) > spec.max_eval_examples:
         ds = ds.select(range(spec.max_eval_examples))
     return ds

@@ -9,7 +9,7 @@ No hub is reachable, so the demo makes its own:
   standins/      tiny Whisper encoder and Qwen2 LLM trained on those corpora, saved by path
 
 Everything is built once into the cache folder under a hash of its inputs and loaded from there
-afterwards. The core reaches the demo only through the three functions below. This package may
+afterwards. The core reaches the demo only through the four functions below. This package may
 import training.common, training.stages, training.speech.* and third-party libraries (datasets, torch,
 transformers, tokenizers), never training.engine, training.data or training.model, so the demo
 can be left out without touching the core. The facade imports its modules lazily: importing
@@ -26,7 +26,7 @@ from training.common import LogFn
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["demo_pretrained", "demo_qa", "demo_speech"]
+__all__ = ["demo_audio_window", "demo_pretrained", "demo_qa", "demo_speech"]
 
 
 def demo_speech(cache_dir: Path, scale: str, log: LogFn) -> datasets.DatasetDict:
@@ -68,3 +68,12 @@ def demo_pretrained(
     return build_standins(
         train, cache_dir, config, log=log, extra_texts=extra, qa_pairs=qa_train, qa_heldback=qa_heldout
     )
+
+
+def demo_audio_window(scale: str) -> tuple[int, int]:
+    """(sampling rate, longest clip in samples) of the stand-in encoder at "full" or "quick" scale:
+    what the data checks need before the stand-ins exist."""
+    from training.demo.standins import FULL_STANDINS, QUICK_STANDINS
+
+    config = FULL_STANDINS if scale == "full" else QUICK_STANDINS
+    return config.sampling_rate, config.chunk_length * config.sampling_rate

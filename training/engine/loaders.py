@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from training.common import LogFn
 from training.data.batching import TaskMixture, eval_loader, train_loader
+from training.data.checks import DataError
 from training.speech.layout import N_AUDIO_LAYERS, VocabLayout
 from training.speech.text import normalize
 from training.stages import TASKS, Recipe, StageSpec
@@ -41,6 +42,11 @@ def stage_loaders(
             + ", ".join(f"{t} {n:,}" for t, n in counts.items())
             + " items per epoch"
             + (f" (no data for {', '.join(train_set.dropped)})" if train_set.dropped else "")
+        )
+    if len(train_set) < recipe.batch_size:  # drop_last would leave an epoch of no batches at all
+        raise DataError(
+            f"split '{data.train_split}' has {len(train_set):,} training items, fewer than one global batch "
+            f"({recipe.batch_size}): add rows, or set a smaller batch_size in a recipe file"
         )
     train_dl = train_loader(train_set, layout, k, recipe.batch_size, recipe.seed, recipe.num_workers)
     eval_names = [data.heldout_split] + ([data.dev_split] if data.dev_split else [])

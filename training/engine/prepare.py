@@ -8,15 +8,16 @@ from typing import Any
 from training.data.checks import DataError, ValidationReport, asr_row_check, qa_row_check, validate_split
 from training.data.features import FeatureEncoder, prepare_qa_split, prepare_split
 from training.engine.context import RunContext
-from training.engine.sources import dataset_name, load_data_and_pretrained, qa_dataset_name
+from training.engine.sources import audio_window, dataset_name, load_data, load_data_and_pretrained, qa_dataset_name
 from training.engine.weights import PRETRAINED, encoder_key, make_model
 from training.model import OmniModel
 
 
-def validate_splits(ctx: RunContext, feature_extractor, max_rows: int | None) -> dict[str, ValidationReport]:
-    """Check rows of every split before any encoding (all rows, or max_rows spread over each).
-    Bad rows stop the run naming them, unless the data spec says to skip them."""
-    spec, sr, window = ctx.recipe.data, feature_extractor.sampling_rate, feature_extractor.n_samples
+def validate_splits(ctx: RunContext, sr: int, window: int, max_rows: int | None) -> dict[str, ValidationReport]:
+    """Check rows of every split before any encoding (all rows, or max_rows spread over each), at
+    the encoder's sampling rate `sr` and window of `window` samples. Bad rows stop the run naming
+    them, unless the data spec says to skip them."""
+    spec = ctx.recipe.data
     reports = {}
     checks = [
         (f"dataset '{dataset_name(ctx)}', split '{s}'", ds, asr_row_check(spec, sr, window))
@@ -64,12 +65,9 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
 
 def validate_only(ctx: RunContext) -> int:
     """--validate-data: every row of every split, then exit (0 clean or skipping, 2 bad rows)."""
-    from transformers import WhisperFeatureExtractor
-
     try:
-        load_data_and_pretrained(ctx)
-        source = ctx.init_from if ctx.init_from is not None else ctx.pretrained[0]
-        reports = validate_splits(ctx, WhisperFeatureExtractor.from_pretrained(source), max_rows=None)
+        load_data(ctx)  # nothing is built or trained: the rows are checked at the encoder's window
+        reports = validate_splits(ctx, *audio_window(ctx), max_rows=None)
     except DataError as err:
         ctx.log(f"error: {err}")
         return 2
@@ -91,7 +89,6 @@ def prepare_only(ctx: RunContext) -> int:
     try:
         load_data_and_pretrained(ctx)
         model, tokenizer, feature_extractor = make_model(ctx, str(ctx.init_from) if ctx.init_from else PRETRAINED)
-        validate_splits(ctx, feature_extractor, ctx.recipe.data.validate_rows)
         prepared = prepared_splits(ctx, model, feature_extractor, tokenizer)
     except DataError as err:
         ctx.log(f"error: {err}")

@@ -1,4 +1,5 @@
-"""Where a run's data and pretrained parts come from.
+"""Where a run's data and pretrained parts come from, in this order: the data is read, its splits
+and columns chosen and printed, its rows checked, and only then are pretrained parts built or loaded.
 
 This is the one place the core reaches the demo (training/demo): a recipe that names no dataset
 trains on the demo's synthesized corpora, and one that names no encoder/LLM on the demo's
@@ -8,9 +9,10 @@ comes from the user's sources through training/data.
 
 from __future__ import annotations
 
-import datasets
+import dataclasses
 
-from training.data.sources import EMBEDDED, EMBEDDED_QA, asr_splits, load_source, qa_splits
+from training.data.formats import Source
+from training.data.sources import EMBEDDED, EMBEDDED_QA, asr_audio_columns, asr_splits, load_source, qa_splits
 from training.engine.context import RunContext
 
 
@@ -22,61 +24,92 @@ def qa_dataset_name(ctx: RunContext) -> str:
     return ctx.recipe.data.qa_dataset or EMBEDDED_QA
 
 
-def speech_source(ctx: RunContext) -> datasets.DatasetDict:
-    if ctx.recipe.data.dataset is not None:
-        return load_source(ctx.recipe.data.dataset)
+def speech_source(ctx: RunContext) -> Source:
+    spec = ctx.recipe.data
+    if spec.dataset is not None:
+        return load_source(spec.dataset, asr_audio_columns(spec))
     from training.demo import demo_speech
 
-    return demo_speech(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log)
+    return Source.of(demo_speech(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log), EMBEDDED, "synthesized speech")
 
 
-def qa_source(ctx: RunContext) -> datasets.DatasetDict:
-    if ctx.recipe.data.qa_dataset is not None:
-        return load_source(ctx.recipe.data.qa_dataset)
+def qa_source(ctx: RunContext) -> Source:
+    spec = ctx.recipe.data
+    if spec.qa_dataset is not None:
+        return load_source(spec.qa_dataset, (spec.question_audio_column, spec.answer_audio_column))
     from training.demo import demo_qa
 
-    return demo_qa(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log)
+    return Source.of(demo_qa(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log), EMBEDDED_QA, "synthesized QA")
+
+
+def audio_window(ctx: RunContext) -> tuple[int, int]:
+    """(sampling rate, longest clip in samples) of the encoder the run will use; the stand-ins'
+    comes from their config, so rows are checked before any stand-in is trained."""
+    source = ctx.init_from if ctx.init_from is not None else ctx.recipe.encoder
+    if source is None:
+        from training.demo import demo_audio_window
+
+        return demo_audio_window(ctx.recipe.standin_scale)
+    from transformers import WhisperFeatureExtractor
+
+    extractor = WhisperFeatureExtractor.from_pretrained(str(source))
+    return extractor.sampling_rate, extractor.n_samples
 
 
 def pretrained_parts(ctx: RunContext) -> tuple[str, str]:
     """(encoder, llm) by path or hub id: the recipe's, or the demo's stand-ins built on its data."""
-    recipe = ctx.recipe
+    recipe, spec = ctx.recipe, ctx.recipe.data
     if recipe.encoder is not None:
         return recipe.encoder, recipe.llm
     from training.demo import demo_pretrained
 
     def qa_pairs(split: str | None) -> list[tuple[str, str]]:
         ds = ctx.qa_splits.get(split)
-        return (
-            []
-            if ds is None
-            else list(dict.fromkeys(zip(ds[recipe.data.question_column], ds[recipe.data.answer_column])))
-        )
+        return [] if ds is None else list(dict.fromkeys(zip(ds[spec.question_column], ds[spec.answer_column])))
 
+    train = ctx.splits[spec.train_split]
+    if (spec.audio_column, spec.text_column) != ("audio", "text"):  # the stand-ins read these two names
+        train = train.select_columns([spec.audio_column, spec.text_column])
+        train = train.rename_columns({spec.audio_column: "audio", spec.text_column: "text"})
     # The stand-in LLM knows the facts the training questions ask for (a real LLM would); the
     # held-out questions only score it, in text: the most that answering them by speech could reach.
     encoder, llm = demo_pretrained(
-        ctx.splits[recipe.data.train_split],
+        train,
         ctx.cache_dir,
         recipe.standin_scale,
         recipe.standin_lm_texts,
         recipe.corpus_scale,
-        qa_pairs(recipe.data.train_split),
-        qa_pairs(recipe.data.heldout_split),
+        qa_pairs(spec.train_split),
+        qa_pairs(spec.heldout_split),
         ctx.log,
     )
     return str(encoder), str(llm)
 
 
-def load_data_and_pretrained(ctx: RunContext) -> None:
-    """The speech splits, the QA splits the stages' task mix needs, and the pretrained parts."""
+def load_data(ctx: RunContext) -> None:
+    """The speech splits and the QA splits the stages' task mix needs, chosen and printed; the
+    run's recipe then names the chosen splits and columns (ctx.recipe.data is resolved)."""
     recipe, spec = ctx.recipe, ctx.recipe.data
+    chosen = asr_splits(speech_source(ctx), spec, recipe.seed)
+    ctx.splits, spec, notes = chosen.splits, chosen.spec, chosen.notes
+    wants_qa = any(task != "asr" and w > 0 for stage in recipe.stages for task, w in stage.task_mix.items())
+    if wants_qa and spec.qa_dataset is None and spec.dataset is not None:
+        notes.append("no QA dataset (--qa-dataset) beside the user's ASR dataset: stages train their ASR share only")
+    elif wants_qa and spec.qa_dataset != "none":
+        qa = qa_splits(qa_source(ctx), spec, recipe.seed, spec.train_split, spec.heldout_split)
+        ctx.qa_splits = qa.splits
+        notes += qa.notes
+    ctx.recipe = dataclasses.replace(recipe, data=spec)
+    ctx.log("\n".join(notes))
+
+
+def load_data_and_pretrained(ctx: RunContext) -> None:
+    """load_data, a check of a sample of every split's rows (DataSpec.validate_rows, spread evenly),
+    and the pretrained parts. Rank 0 goes first and fills the caches; the others then read them."""
+    from training.engine.prepare import validate_splits
+
     with ctx.accelerator.main_process_first():
-        ctx.splits = asr_splits(speech_source(ctx), dataset_name(ctx), spec)
-        wants_qa = any(task != "asr" and w > 0 for stage in recipe.stages for task, w in stage.task_mix.items())
-        if wants_qa and spec.qa_dataset is None and spec.dataset is not None:
-            ctx.log("no QA dataset given (--qa-dataset) beside the user ASR dataset: stages train their ASR share only")
-        elif wants_qa and spec.qa_dataset != "none":
-            ctx.qa_splits = qa_splits(qa_source(ctx), qa_dataset_name(ctx), spec)
-        if recipe.encoder is None or ctx.pretrained is None:
+        load_data(ctx)
+        validate_splits(ctx, *audio_window(ctx), ctx.recipe.data.validate_rows)
+        if ctx.recipe.encoder is None or ctx.pretrained is None:
             ctx.pretrained = pretrained_parts(ctx)

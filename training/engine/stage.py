@@ -16,7 +16,7 @@ from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext
 from training.engine.guards import StopSignals, early_stopping, skipped_step
 from training.engine.launch import check_launch
 from training.engine.loaders import stage_loaders
-from training.engine.prepare import prepared_splits, validate_splits
+from training.engine.prepare import prepared_splits
 from training.engine.progress import StepProgress
 from training.engine.step import StepStats, forward_backward, optimizer_step
 from training.engine.weights import PRETRAINED, initial_weights, make_model
@@ -61,10 +61,10 @@ class StageRun:
         set_trainable(model, spec.trainable, spec.train_text_specials)
         for module, (total, trainable) in parameter_summary(model).items():
             self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
-        validate_splits(ctx, self.feature_extractor, recipe.data.validate_rows)  # a sample of big splits
         prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
         loaders = stage_loaders(recipe, spec, prepared, model.layout, self.log)
-        self.early_stop_split = recipe.data.dev_split or recipe.data.heldout_split
+        # Early stopping reads the dev split only: the held-out split stays unseen until the boundary.
+        self.early_stop_split = recipe.data.dev_split
         # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0), betas=recipe.adam_betas, fused=True
@@ -157,7 +157,7 @@ class StageRun:
                 state["tokens"] = state.get("tokens", 0) + int(metrics["tokens"])
                 state["losses"].append(metrics["loss"])
                 progress.step_done(state["step"], metrics)
-                if state["step"] % spec.eval_every == 0 and early_stopping(self):
+                if self.early_stop_split and state["step"] % spec.eval_every == 0 and early_stopping(self):
                     break
                 if state["step"] % self.ctx.recipe.save_every == 0:
                     self.save_checkpoint()

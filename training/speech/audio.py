@@ -27,6 +27,8 @@ def decode_audio(value: Any, where: str = "") -> tuple[np.ndarray, int]:
     `value` is what an `Audio(decode=False)` column holds: a dict with "bytes" (may be None)
     and/or "path". Bytes win over the path because datasets saved with `save_to_disk` embed
     the bytes and keep only a bare file name in "path".
+    A manifest row's value may also carry "offset" and "duration" (seconds): then only that
+    segment is read (long recordings are cut, not refused; the duration alone is informative).
     `where` names the row for error messages, e.g. "dataset train, row 17, column 'audio'".
     """
     where = where or "audio value"
@@ -41,9 +43,15 @@ def decode_audio(value: Any, where: str = "") -> tuple[np.ndarray, int]:
     if data is None and not os.path.isfile(path):
         raise _fail(where, f"no file at path {path!r}")  # soundfile would only say "System error."
     origin = f"{len(data)} bytes" if data is not None else f"path {path!r}"
+    offset, duration = value.get("offset"), value.get("duration")
     try:
         source: Any = io.BytesIO(data) if data is not None else path
-        samples, source_rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as f:
+            source_rate = f.samplerate
+            if offset:  # a segment of a longer recording (manifests' offset/duration)
+                f.seek(min(int(round(offset * source_rate)), f.frames))
+            frames = int(round(duration * source_rate)) if offset is not None and duration else -1
+            samples = f.read(frames, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types (LibsndfileError, OSError, TypeError)
         # LibsndfileError's str() embeds the repr of the BytesIO; its error_string is the plain reason.
         reason = getattr(exc, "error_string", None) or str(exc)
