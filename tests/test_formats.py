@@ -21,6 +21,8 @@ import pytest
 import soundfile as sf
 import soxr
 
+from training.data.formats import Source
+from training.data.splits import choose_splits
 from training.demo import demo_speech
 from training.run import main
 from training.speech.audio import decode_audio
@@ -223,3 +225,164 @@ def test_each_format_validates_and_trains_with_only_dataset(tmp_path, tiny_check
     record = json.loads((tmp_path / "out" / "run_record.json").read_text())
     assert record["stages"]["asr"]["steps"] == 2, out
     assert _digest(root) == before
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+
+def _source(**sizes: int) -> Source:
+    return Source.of(
+        datasets.DatasetDict({name: datasets.Dataset.from_dict({"i": list(range(n))}) for name, n in sizes.items()}),
+        "toy",
+        "test",
+    )
+
+
+@pytest.mark.parametrize(
+    "sizes, given, expected",
+    [
+        (dict(train=40, validation=5, test=6), {}, ("train", "test", "validation")),
+        (dict(train=40, dev=5, test=6), {}, ("train", "test", "dev")),
+        (dict(train=40, dev=5, heldout=6), {}, ("train", "heldout", "dev")),
+        (dict(train=40, validation=5), {}, ("train", "validation", "train-dev")),
+        (dict(all=40), {}, ("all", "all-heldout", "all-dev")),
+        (dict(a=40, b=5, c=6), dict(train="a", heldout="c", dev="b"), ("a", "c", "b")),
+        (dict(train=40, test=6), dict(dev="none"), ("train", "test", None)),
+    ],
+)
+def test_splits_are_recognized_or_carved_from_train(sizes, given, expected):
+    choice = choose_splits(_source(**sizes), given.get("train"), given.get("heldout"), given.get("dev"), 7, 0.05, 500)
+    assert (choice.train, choice.heldout, choice.dev) == expected
+    rows = {name: set(ds["i"]) for name, ds in choice.splits.items()}
+    carved = [name for name in rows if name.startswith(f"{choice.train}-")]
+    for name in carved:  # a carved slice is taken out of train: never trained on
+        assert rows[name] and not rows[name] & rows[choice.train]
+    if carved:
+        assert sum(len(rows[n]) for n in [choice.train, *carved]) == sizes[choice.train]
+        again = choose_splits(_source(**sizes), *(given.get(k) for k in ("train", "heldout", "dev")), 7, 0.05, 500)
+        assert {n: ds["i"] for n, ds in again.splits.items()} == {n: ds["i"] for n, ds in choice.splits.items()}
+
+
+# -- bad input: one clear message, exit code 2, no traceback ------------------------------------
+
+
+def _tone(path: Path, seconds: float = 1.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.1 * np.sin(np.arange(int(16000 * seconds)) / 7)).astype("float32"), 16000)
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _good_rows(root: Path, n: int = 4) -> list[dict]:
+    return [{"audio_filepath": _tone(root / f"{i}.wav").name, "text": "the cat sat"} for i in range(n)]
+
+
+def _bad_input(root: Path, case: str) -> tuple[Path, list[str], str]:
+    """(dataset, extra flags, the message expected) for each kind of bad input."""
+    if case == "unknown format":
+        (root / "notes.txt").parent.mkdir(parents=True)
+        (root / "notes.txt").write_text("hello")
+        return root, [], f"dataset '{root}': unknown format; found notes.txt; expected a save_to_disk folder"
+    if case == "audio without transcripts":
+        _tone(root / "a.wav")
+        return root, [], "unknown format (audio files but no metadata.csv/metadata.jsonl: the transcripts are missing)"
+    if case == "unknown file type":
+        (root / "x.zip").parent.mkdir(parents=True)
+        (root / "x.zip").write_bytes(b"PK")
+        return root / "x.zip", [], "unknown format (a '.zip' file)"
+    if case == "missing split":
+        _jsonl(root / "train.jsonl", _good_rows(root))
+        _jsonl(root / "test.jsonl", _good_rows(root))
+        return root, ["--heldout-split", "eval"], "no split 'eval' (--heldout-split); it has ['test', 'train']"
+    if case == "missing column":
+        rows = [{"path": r["audio_filepath"], "transcription": r["text"]} for r in _good_rows(root)]
+        return (
+            _jsonl(root / "train.jsonl", rows),
+            ["--text-column", "transcripton"],
+            ("no column 'transcripton' (columns: ['path', 'transcription']); did you mean 'transcription'?"),
+        )
+    if case == "no recognizable column":
+        rows = [{"wav": r["audio_filepath"], "text": r["text"]} for r in _good_rows(root)]
+        return _jsonl(root / "train.jsonl", rows), [], "no audio column: none of ['audio', 'audio_filepath', 'path'"
+    if case == "ambiguous columns":
+        rows = [{**r, "sentence": "a dog"} for r in _good_rows(root)]
+        return (
+            _jsonl(root / "train.jsonl", rows),
+            [],
+            ("more than one column could be the transcript (['text', 'sentence']); name one with --text-column"),
+        )
+    if case == "unreadable audio file":
+        rows = _good_rows(root)
+        rows[2]["audio_filepath"] = "missing.wav"
+        return _jsonl(root / "train.jsonl", rows), [], f"no file at path '{root / 'missing.wav'}'"
+    if case == "empty transcript":
+        rows = _good_rows(root)
+        rows[1]["text"] = ""
+        return (
+            _jsonl(root / "train.jsonl", rows),
+            [],
+            "split 'train', row 1, column 'text': empty or missing transcript",
+        )
+    if case == "manifest line not JSON":
+        path = _jsonl(root / "train.jsonl", _good_rows(root))
+        path.write_text(path.read_text() + '{"audio_filepath": "0.wav", "text": }\n')
+        return path, [], f"manifest {path}, line 5: not JSON (Expecting value)"
+    if case == "metadata without file_name":
+        _tone(root / "a.wav")
+        (root / "metadata.csv").write_text("file,transcription\na.wav,a cat\n")
+        return root, [], f"{root / 'metadata.csv'}: no column 'file_name' (columns: ['file', 'transcription'])"
+    raise AssertionError(case)
+
+
+BAD_CASES = [
+    "unknown format",
+    "audio without transcripts",
+    "unknown file type",
+    "missing split",
+    "missing column",
+    "no recognizable column",
+    "ambiguous columns",
+    "unreadable audio file",
+    "empty transcript",
+    "manifest line not JSON",
+    "metadata without file_name",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_clear_message(tmp_path, tiny_checkpoints, capsys, case):
+    dataset, extra, expected = _bad_input(tmp_path / "data", case)
+    code = _run(tmp_path, tiny_checkpoints, dataset, "--validate-data", *extra)
+    out = capsys.readouterr()
+    assert code == 2, out.out
+    assert expected in out.out, out.out
+    assert "Traceback" not in out.out + out.err
+
+
+def test_a_split_smaller_than_a_batch_is_named(tmp_path, tiny_checkpoints, capsys):
+    dataset = _jsonl(tmp_path / "data" / "train.jsonl", _good_rows(tmp_path / "data", 12))
+    code = _run(tmp_path, tiny_checkpoints, dataset, "--stage", "asr", "--max-steps", "2")
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert "split 'train' has 10 training items, fewer than one global batch (32)" in out
+
+
+def test_early_stopping_reads_the_dev_slice_never_the_heldout_split(tmp_path, tiny_checkpoints, capsys):
+    rows = [{"audio_filepath": _tone(tmp_path / "d" / f"{i}.wav", 1 + i / 40).name, "text": "a cat"} for i in range(40)]
+    _jsonl(tmp_path / "d" / "train.jsonl", rows)
+    _jsonl(tmp_path / "d" / "test.jsonl", rows[:4])
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"batch_size": 8, "stages": {"asr": {"eval_every": 1, "max_wer": None}}}))
+    code = _run(
+        tmp_path, tiny_checkpoints, tmp_path / "d", "--stage", "asr", "--max-steps", "2", "--recipe", str(recipe)
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "no dev split: holding out 2 of 40 rows of 'train' as 'train-dev'" in out
+    assert "[asr] step 1: train-dev loss" in out and "[asr] step 2: train-dev loss" in out
+    assert "step 1: test loss" not in out and "step 2: test loss" not in out

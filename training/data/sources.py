@@ -33,6 +33,9 @@ class Chosen:
     splits: dict[str, datasets.Dataset]
     spec: DataSpec
     notes: list[str]
+    # The source's own splits, whole (a carved slice's rows are checked as rows of the split they
+    # came from, so a message's row number is the user's)
+    checked: dict[str, datasets.Dataset]
 
 
 def load_source(where: str, audio_columns: Sequence[str] = AUDIO_NAMES) -> Source:
@@ -87,7 +90,8 @@ def asr_splits(source: Source, spec: DataSpec, seed: int) -> Chosen:
         check_column_types(ds, where, spec)
         splits[split] = _undecoded_and_cut(ds, split == choice.train, spec, (audio,))
     notes = [f"dataset '{source.name}' ({source.kind}): " + _describe(splits, spec), *choice.notes]
-    return Chosen(splits, spec, notes)
+    checked = {n: _undecoded_and_cut(source.split(n), n == choice.train, spec, (audio,)) for n in choice.source_names}
+    return Chosen(splits, spec, notes, checked)
 
 
 def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_as: str) -> Chosen:
@@ -119,7 +123,9 @@ def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_
         f"held-out '{choice.heldout}' {len(splits[heldout_as]):,} rows{renamed}",
         *choice.notes,
     ]
-    return Chosen(splits, spec, notes)
+    audio = (spec.question_audio_column, spec.answer_audio_column)
+    checked = {n: _undecoded_and_cut(source.split(n), n == choice.train, spec, audio) for n in choice.source_names}
+    return Chosen(splits, spec, notes, checked)
 
 
 def has_answer_speech(ds: datasets.Dataset, spec: DataSpec) -> bool:

@@ -29,6 +29,7 @@ class SplitChoice:
     dev: str | None
     splits: dict[str, datasets.Dataset]
     notes: list[str]
+    source_names: list[str]  # the source's splits these come from (what row checks read)
 
 
 def choose_splits(
@@ -55,10 +56,11 @@ def choose_splits(
     heldout = heldout or _first(names, HELDOUT_NAMES, (train,))
     want_dev = with_dev and dev != NO_DEV
     dev = (dev or _first(names, DEV_NAMES, (train, heldout))) if want_dev else None
-    choice = SplitChoice(train, "", None, {train: source.split(train)}, [])
+    choice = SplitChoice(train, "", None, {train: source.split(train)}, [], [train])
     for name in (heldout, dev):
         if name is not None:
             choice.splits[name] = source.split(name)
+            choice.source_names.append(name)
     choice.heldout = heldout or _carve(choice, "heldout", "held-out", seed, fraction, max_rows)
     if want_dev:
         choice.dev = dev or _carve(choice, "dev", "dev", seed + 1, fraction, max_rows)

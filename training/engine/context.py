@@ -43,6 +43,9 @@ class RunContext:
     resume: str = "auto"  # "auto": continue from the latest checkpoint; "never": refuse a used dir
     splits: dict[str, Any] = field(default_factory=dict)  # ASR: audio + transcript
     qa_splits: dict[str, Any] = field(default_factory=dict)  # spoken questions + answers (+ answer speech)
+    # The sources' own splits, whole, as the row checks read them (carved slices are not splits there)
+    checked_splits: dict[str, Any] = field(default_factory=dict)
+    checked_qa_splits: dict[str, Any] = field(default_factory=dict)
     pretrained: tuple[str, str] | None = None  # (encoder, llm) paths or hub ids
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows left out
 

@@ -21,11 +21,11 @@ def validate_splits(ctx: RunContext, sr: int, window: int, max_rows: int | None)
     reports = {}
     checks = [
         (f"dataset '{dataset_name(ctx)}', split '{s}'", ds, asr_row_check(spec, sr, window))
-        for s, ds in ctx.splits.items()
+        for s, ds in ctx.checked_splits.items()
     ]
     checks += [
         (f"dataset '{qa_dataset_name(ctx)}', split '{s}'", ds, qa_row_check(spec, sr, window))
-        for s, ds in ctx.qa_splits.items()
+        for s, ds in ctx.checked_qa_splits.items()
     ]
     for where, ds, check in checks:
         report = validate_split(ds, where, check, max_rows)

@@ -91,13 +91,13 @@ def load_data(ctx: RunContext) -> None:
     run's recipe then names the chosen splits and columns (ctx.recipe.data is resolved)."""
     recipe, spec = ctx.recipe, ctx.recipe.data
     chosen = asr_splits(speech_source(ctx), spec, recipe.seed)
-    ctx.splits, spec, notes = chosen.splits, chosen.spec, chosen.notes
+    ctx.splits, ctx.checked_splits, spec, notes = chosen.splits, chosen.checked, chosen.spec, chosen.notes
     wants_qa = any(task != "asr" and w > 0 for stage in recipe.stages for task, w in stage.task_mix.items())
     if wants_qa and spec.qa_dataset is None and spec.dataset is not None:
         notes.append("no QA dataset (--qa-dataset) beside the user's ASR dataset: stages train their ASR share only")
     elif wants_qa and spec.qa_dataset != "none":
         qa = qa_splits(qa_source(ctx), spec, recipe.seed, spec.train_split, spec.heldout_split)
-        ctx.qa_splits = qa.splits
+        ctx.qa_splits, ctx.checked_qa_splits = qa.splits, qa.checked
         notes += qa.notes
     ctx.recipe = dataclasses.replace(recipe, data=spec)
     ctx.log("\n".join(notes))
