@@ -228,3 +228,33 @@ def test_real_recipe_shapes_on_the_meta_device():
         "whisper_adapter_dim": 768,
         "block_size": 2048,
     }
+
+
+def test_fine_tune_from_a_mini_omni_folder_on_user_data(tiny_checkpoints, tmp_path, capsys):
+    """--init-from accepts a Mini-Omni litgpt folder: imported once into the cache, then trained."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from training.run import main as run_main
+
+    _trained_export(tiny_checkpoints, tmp_path / "final", adapter_hidden=64)
+    export_mini_omni(tmp_path / "final", tmp_path / "mini-omni", allow_encoder_mismatch=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(40):
+        sf.write(data / f"{i}.wav", (0.1 * np.sin(np.arange(16000 + 400 * i) / (5 + i % 4))).astype("float32"), 16000)
+        rows.append(json.dumps({"audio_filepath": f"{i}.wav", "text": "the cat sat" if i % 2 else "a dog ran"}))
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    enc, llm = tiny_checkpoints
+    args = ["--stage", "second", "--init-from", str(tmp_path / "mini-omni"), "--dataset", str(data)]
+    args += ["--encoder", enc, "--llm", llm, "--max-steps", "2", "--cache-dir", str(tmp_path / "cache")]
+    for run in ("first", "again"):
+        code = run_main([*args, "--output-dir", str(tmp_path / run)])
+        out = capsys.readouterr().out
+        assert code in (0, 3), out  # 3: the stage's WER gate, after two steps
+        assert json.loads((tmp_path / run / "run_record.json").read_text())["stages"]["second"]["steps"] == 2
+        assert ("a Mini-Omni checkpoint; importing it" in out) == (run == "first"), out
+    assert len(list((tmp_path / "cache" / "imports").iterdir())) == 1

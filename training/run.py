@@ -37,7 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir", type=Path, default=Path("runs/demo"), help="run directory (checkpoints, exports, record)"
     )
-    parser.add_argument("--init-from", type=Path, help="start the (first) stage from this stage export instead")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start the (first) stage from this stage export, or a Mini-Omni checkpoint folder "
+        "(lit_model.pth + model_config.yaml; with --encoder naming its Whisper when the folder does not)",
+    )
     parser.add_argument("--encoder", help="Whisper checkpoint (path or hub id); overrides the recipe")
     parser.add_argument("--llm", help="Qwen2 checkpoint (path or hub id); overrides the recipe")
     parser.add_argument(
@@ -107,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("the following arguments are required: --stage")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
-    if (args.encoder is None) != (args.llm is None):
-        parser.error("--encoder and --llm go together")
+    if (args.encoder is None) != (args.llm is None) and not (args.init_from and args.llm is None):
+        parser.error("--encoder and --llm go together (--encoder alone names the encoder of an --init-from model)")
     return args
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ class ValidationReport:
     bad: list[str] = dataclasses.field(default_factory=list)  # one message per bad row
     source_rates: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     seconds: list[float] = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0  # wall-clock seconds the check took
 
     def summary(self, sampling_rate: int) -> str:
         rates = ", ".join(f"{r} Hz x {n}" for r, n in sorted(self.source_rates.items()))
@@ -112,7 +114,7 @@ class ValidationReport:
         scope = f"all {self.rows:,}" if self.checked == self.rows else f"a sample of {self.checked:,} of {self.rows:,}"
         return (
             f"{self.where}: checked {scope} rows: {len(self.bad)} bad; sample rates {rates or '-'}"
-            f" ({resampled} resampled to {sampling_rate} Hz){lengths}"
+            f" ({resampled} resampled to {sampling_rate} Hz){lengths}; {self.elapsed:.1f} s"
         )
 
 
@@ -145,6 +147,7 @@ def validate_split(
         list(range(n)) if max_rows is None or n <= max_rows else np.linspace(0, n - 1, max_rows).astype(int).tolist()
     )
     report = ValidationReport(where=where, rows=n, checked=len(indices))
+    started = time.perf_counter()
 
     def one(item: tuple[int, dict]) -> tuple[float, int] | str:
         i, row = item
@@ -167,4 +170,5 @@ def validate_split(
                     report.seconds.append(result[0])
                     report.source_rates[result[1]] += 1
             bar.update(len(chunk))
+    report.elapsed = time.perf_counter() - started
     return report

@@ -29,9 +29,10 @@ class StageLoaders:
 
 
 def stage_loaders(
-    recipe: Recipe, spec: StageSpec, prepared: dict[str, Any], layout: VocabLayout, log: LogFn
+    recipe: Recipe, spec: StageSpec, prepared: dict[str, Any], layout: VocabLayout, frame_stack: int, log: LogFn
 ) -> StageLoaders:
-    data, k = recipe.data, recipe.frame_stack
+    # frame_stack is the model's own (an --init-from export may stack frames unlike the recipe)
+    data, k = recipe.data, frame_stack
     train_set = prepared[data.train_split]
     qa_train, qa_heldout = prepared.get(f"qa:{data.train_split}"), prepared.get(f"qa:{data.heldout_split}")
     if set(spec.task_mix) != {"asr"}:

@@ -62,7 +62,10 @@ class StageRun:
         for module, (total, trainable) in parameter_summary(model).items():
             self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
         prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
-        loaders = stage_loaders(recipe, spec, prepared, model.layout, self.log)
+        if model.config.frame_stack != recipe.frame_stack:
+            k = model.config.frame_stack
+            self.log(f"the model stacks {k} encoder frames per adapter input (recipe: {recipe.frame_stack}); using {k}")
+        loaders = stage_loaders(recipe, spec, prepared, model.layout, model.config.frame_stack, self.log)
         # Early stopping reads the dev split only: the held-out split stays unseen until the boundary.
         self.early_stop_split = recipe.data.dev_split
         # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)

@@ -4,19 +4,29 @@ pretrained parts with a fresh adapter."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+from training.common import build_once
 from training.engine.context import RunContext, StageOrderError
-from training.model import OmniModel, build_model, is_omni_export, load_omni
+from training.model import OmniModel, build_model, is_omni_export, load_omni, save_omni
+from training.model.export import LIT_CONFIG, LIT_WEIGHTS, import_mini_omni
+from training.model.litgpt import ExportError
 from training.stages import STAGE_NAMES
 
 PRETRAINED = "pretrained"
 
 
 def initial_weights(ctx: RunContext, stage: str) -> str:
-    """Where a stage starts: --init-from, else the previous stage's export, else (asr) pretrained."""
+    """Where a stage starts: --init-from (a stage export, or a Mini-Omni checkpoint folder, imported
+    once into the cache), else the previous stage's export, else (asr) pretrained."""
     if ctx.init_from is not None:
+        if is_mini_omni_folder(ctx.init_from) and not is_omni_export(ctx.init_from):
+            ctx.init_from = imported_mini_omni(ctx, ctx.init_from)
         if not is_omni_export(ctx.init_from):
-            raise StageOrderError(f"--init-from {ctx.init_from}: not a stage export (no omni_config.json)")
+            raise StageOrderError(
+                f"--init-from {ctx.init_from}: neither a stage export (omni_config.json) nor a Mini-Omni "
+                "checkpoint folder (lit_model.pth + model_config.yaml)"
+            )
         return str(ctx.init_from)
     index = STAGE_NAMES.index(stage)
     if index == 0:
@@ -29,6 +39,30 @@ def initial_weights(ctx: RunContext, stage: str) -> str:
         f"stage '{stage}' starts from stage '{previous}''s final checkpoint, but there is none at {final}. "
         f"Run --stage {previous} (or --stage all) first, or pass --init-from PATH to a stage export."
     )
+
+
+def is_mini_omni_folder(path: Path) -> bool:
+    return (path / LIT_WEIGHTS).is_file() and (path / LIT_CONFIG).is_file()
+
+
+def imported_mini_omni(ctx: RunContext, folder: Path) -> Path:
+    """A Mini-Omni litgpt folder (theirs, or one training.model.export wrote) as a stage export in
+    the cache, converted once per folder content and encoder (--encoder, or the folder's sidecar)."""
+    key = hashlib.sha256(str(ctx.recipe.encoder).encode())
+    for name in sorted(p.name for p in folder.iterdir() if p.is_file()):
+        stat = (folder / name).stat()
+        key.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = ctx.cache_dir / "imports" / f"mini-omni-{key.hexdigest()[:12]}"
+    if is_omni_export(target):
+        return target
+    ctx.log(f"--init-from {folder}: a Mini-Omni checkpoint; importing it into {target}")
+    try:
+        model, tokenizer, feature_extractor = import_mini_omni(folder, ctx.recipe.encoder)
+    except ExportError as err:
+        raise StageOrderError(f"--init-from {folder}: {err}") from err
+    with build_once(target, ctx.log, "import") as tmp:
+        save_omni(model, tmp, tokenizer, feature_extractor)
+    return target
 
 
 def make_model(ctx: RunContext, source: str):
