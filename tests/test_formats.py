@@ -386,3 +386,26 @@ def test_early_stopping_reads_the_dev_slice_never_the_heldout_split(tmp_path, ti
     assert "no dev split: holding out 2 of 40 rows of 'train' as 'train-dev'" in out
     assert "[asr] step 1: train-dev loss" in out and "[asr] step 2: train-dev loss" in out
     assert "step 1: test loss" not in out and "step 2: test loss" not in out
+
+
+def test_several_datasets_mix_by_weight(tmp_path, tiny_checkpoints, utterances, capsys):
+    """An audiofolder and NeMo manifests (other columns, audio with offsets) in one run, 1 : 0.5."""
+    folder = audiofolder(tmp_path / "af", utterances)
+    manifests = nemo_manifests(tmp_path / "nemo", utterances)
+    before = [_digest(folder), _digest(manifests)]
+    mixed = ("--dataset", str(folder), "--dataset", f"{manifests}:0.5")
+    enc, llm = tiny_checkpoints
+    common = ["--encoder", enc, "--llm", llm, "--cache-dir", str(tmp_path / "cache"), *mixed]
+    assert main([*common, "--validate-data", "--output-dir", str(tmp_path / "v")]) == 0
+    out = capsys.readouterr().out
+    # 84 training rows in all (42 + 42), shared 2 : 1
+    assert f"mixing 2 datasets: {folder}: 56 training rows per epoch (weight 1, 42 rows); " in out, out
+    assert f"{manifests}: 28 training rows per epoch (weight 0.5, 42 rows)" in out
+    assert "mixed: train 84 rows, held-out 16 rows, dev 4 rows" in out
+    assert f"dataset '{manifests}', split 'train': checked all 44 rows: 0 bad" in out
+
+    code = main([*common, "--stage", "asr", "--max-steps", "2", "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 3, out  # trained two steps, then the stage's WER gate
+    assert json.loads((tmp_path / "out" / "run_record.json").read_text())["stages"]["asr"]["steps"] == 2
+    assert [_digest(folder), _digest(manifests)] == before

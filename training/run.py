@@ -47,8 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llm", help="Qwen2 checkpoint (path or hub id); overrides the recipe")
     parser.add_argument(
         "--dataset",
+        action="append",
         help="speech data: a save_to_disk folder, an audiofolder, a JSONL/CSV/TSV manifest or a folder of "
-        "them (NeMo, Common Voice), Parquet files, or a hub id (README: Bring your own data)",
+        "them (NeMo, Common Voice), Parquet files, or a hub id (README: Bring your own data); repeat to "
+        "mix datasets, each PATH:WEIGHT (default weight 1)",
     )
     parser.add_argument("--audio-column", help="audio column (default: recognized: audio, audio_filepath, path, file)")
     parser.add_argument(
@@ -121,7 +123,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The named recipe with the command line's data and checkpoint flags applied (RecipeError if bad)."""
     recipe = load_recipe(args.recipe)
     flags = {
-        "dataset": args.dataset,
+        "dataset": None if not args.dataset else args.dataset[0] if len(args.dataset) == 1 else tuple(args.dataset),
         "audio_column": args.audio_column,
         "text_column": args.text_column,
         "train_split": args.train_split,

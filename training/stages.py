@@ -158,7 +158,9 @@ SEED_STAGES: tuple[StageSpec, ...] = (
 class DataSpec:
     """Where the speech comes from. dataset=None means the embedded synthesized corpus."""
 
-    dataset: str | None = None  # a folder or file in any format training/data/formats.py reads, or a hub id
+    # A folder or file in any format training/data/formats.py reads, or a hub id; several, each
+    # "where[:weight]", are mixed by weight (training/data/mixing.py).
+    dataset: str | tuple[str, ...] | None = None
     # Splits by name; None = recognized by their common names (train; heldout/test/validation/dev;
     # dev/validation/valid), or, when absent, a seeded slice of train (training/data/splits.py).
     # The held-out split is never read during training; early stopping reads the dev split, and

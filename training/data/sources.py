@@ -19,7 +19,7 @@ import datasets
 from training.data.checks import DataError, check_column_types
 from training.data.columns import AUDIO_NAMES, TEXT_FALLBACK_NAMES, TEXT_NAMES, pick_column
 from training.data.formats import Source, read_file, read_folder
-from training.data.splits import choose_splits
+from training.data.splits import SplitChoice, choose_splits
 from training.stages import DataSpec
 
 EMBEDDED = "embedded corpus"
@@ -33,9 +33,9 @@ class Chosen:
     splits: dict[str, datasets.Dataset]
     spec: DataSpec
     notes: list[str]
-    # The source's own splits, whole (a carved slice's rows are checked as rows of the split they
-    # came from, so a message's row number is the user's)
-    checked: dict[str, datasets.Dataset]
+    # "dataset 'X', split 'Y'" -> (the source's own split, whole; the spec naming its columns): a
+    # carved slice's rows are checked as rows of the split they came from (the user's row numbers)
+    checked: dict[str, tuple[datasets.Dataset, DataSpec]]
 
 
 def load_source(where: str, audio_columns: Sequence[str] = AUDIO_NAMES) -> Source:
@@ -90,7 +90,13 @@ def asr_splits(source: Source, spec: DataSpec, seed: int) -> Chosen:
         check_column_types(ds, where, spec)
         splits[split] = _undecoded_and_cut(ds, split == choice.train, spec, (audio,))
     notes = [f"dataset '{source.name}' ({source.kind}): " + _describe(splits, spec), *choice.notes]
-    checked = {n: _undecoded_and_cut(source.split(n), n == choice.train, spec, (audio,)) for n in choice.source_names}
+    checked = {
+        f"dataset '{source.name}', split '{n}'": (
+            _undecoded_and_cut(source.split(n), n == choice.train, spec, (audio,)),
+            spec,
+        )
+        for n in choice.source_names
+    }
     return Chosen(splits, spec, notes, checked)
 
 
@@ -124,12 +130,31 @@ def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_
         *choice.notes,
     ]
     audio = (spec.question_audio_column, spec.answer_audio_column)
-    checked = {n: _undecoded_and_cut(source.split(n), n == choice.train, spec, audio) for n in choice.source_names}
+    checked = {
+        f"dataset '{source.name}', split '{n}'": (
+            _undecoded_and_cut(source.split(n), n == choice.train, spec, audio),
+            spec,
+        )
+        for n in choice.source_names
+    }
     return Chosen(splits, spec, notes, checked)
 
 
 def has_answer_speech(ds: datasets.Dataset, spec: DataSpec) -> bool:
     return spec.answer_snac_column in ds.column_names or spec.answer_audio_column in ds.column_names
+
+
+def _whole_splits(
+    source: Source, choice: SplitChoice, spec: DataSpec, audio: Sequence[str]
+) -> dict[str, tuple[datasets.Dataset, DataSpec]]:
+    """The source's splits the choice came from, whole, for the row checks (Chosen.checked)."""
+    return {
+        f"dataset '{source.name}', split '{n}'": (
+            _undecoded_and_cut(source.split(n), n == choice.train, spec, audio),
+            spec,
+        )
+        for n in choice.source_names
+    }
 
 
 def _describe(splits: dict[str, datasets.Dataset], spec: DataSpec) -> str:

@@ -19,14 +19,8 @@ def validate_splits(ctx: RunContext, sr: int, window: int, max_rows: int | None)
     them, unless the data spec says to skip them."""
     spec = ctx.recipe.data
     reports = {}
-    checks = [
-        (f"dataset '{dataset_name(ctx)}', split '{s}'", ds, asr_row_check(spec, sr, window))
-        for s, ds in ctx.checked_splits.items()
-    ]
-    checks += [
-        (f"dataset '{qa_dataset_name(ctx)}', split '{s}'", ds, qa_row_check(spec, sr, window))
-        for s, ds in ctx.checked_qa_splits.items()
-    ]
+    checks = [(where, ds, asr_row_check(own, sr, window)) for where, (ds, own) in ctx.checked_splits.items()]
+    checks += [(where, ds, qa_row_check(own, sr, window)) for where, (ds, own) in ctx.checked_qa_splits.items()]
     for where, ds, check in checks:
         report = validate_split(ds, where, check, max_rows)
         ctx.log(report.summary(sr))

@@ -12,25 +12,34 @@ from __future__ import annotations
 import dataclasses
 
 from training.data.formats import Source
-from training.data.sources import EMBEDDED, EMBEDDED_QA, asr_audio_columns, asr_splits, load_source, qa_splits
+from training.data.mixing import dataset_entries, mix
+from training.data.sources import EMBEDDED, EMBEDDED_QA, Chosen, asr_audio_columns, asr_splits, load_source, qa_splits
 from training.engine.context import RunContext
 
 
 def dataset_name(ctx: RunContext) -> str:
-    return ctx.recipe.data.dataset or EMBEDDED
+    entries = dataset_entries(ctx.recipe.data.dataset)
+    return " + ".join(where for where, _ in entries) if entries else EMBEDDED
 
 
 def qa_dataset_name(ctx: RunContext) -> str:
     return ctx.recipe.data.qa_dataset or EMBEDDED_QA
 
 
-def speech_source(ctx: RunContext) -> Source:
-    spec = ctx.recipe.data
-    if spec.dataset is not None:
-        return load_source(spec.dataset, asr_audio_columns(spec))
-    from training.demo import demo_speech
+def speech_data(ctx: RunContext) -> Chosen:
+    """The run's speech splits: the embedded corpus, one user dataset, or several mixed by weight."""
+    spec, seed = ctx.recipe.data, ctx.recipe.seed
+    entries = dataset_entries(spec.dataset)
+    if not entries:
+        from training.demo import demo_speech
 
-    return Source.of(demo_speech(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log), EMBEDDED, "synthesized speech")
+        corpus = demo_speech(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log)
+        return asr_splits(Source.of(corpus, EMBEDDED, "synthesized speech"), spec, seed)
+    parts = [
+        (where, weight, asr_splits(load_source(where, asr_audio_columns(spec)), spec, seed))
+        for where, weight in entries
+    ]
+    return parts[0][2] if len(parts) == 1 else mix(parts, seed, ctx.cache_dir / "mixed")
 
 
 def qa_source(ctx: RunContext) -> Source:
@@ -90,7 +99,7 @@ def load_data(ctx: RunContext) -> None:
     """The speech splits and the QA splits the stages' task mix needs, chosen and printed; the
     run's recipe then names the chosen splits and columns (ctx.recipe.data is resolved)."""
     recipe, spec = ctx.recipe, ctx.recipe.data
-    chosen = asr_splits(speech_source(ctx), spec, recipe.seed)
+    chosen = speech_data(ctx)
     ctx.splits, ctx.checked_splits, spec, notes = chosen.splits, chosen.checked, chosen.spec, chosen.notes
     wants_qa = any(task != "asr" and w > 0 for stage in recipe.stages for task, w in stage.task_mix.items())
     if wants_qa and spec.qa_dataset is None and spec.dataset is not None:
