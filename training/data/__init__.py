@@ -1,7 +1,12 @@
 """The data path: sources in, checked rows, cached encoder features, length-grouped 8-stream batches out.
 
-  sources.py   one interface for a data source: a DatasetDict and a name; user datasets by path or
-               hub id; the splits and columns a recipe names (the demo corpora come in the same way)
+  formats.py   readers for the formats speech data is kept in (audiofolder, manifests, save_to_disk,
+               Parquet), each a Source: named splits read on demand
+  sources.py   a user dataset by path or hub id; the run's splits and columns, chosen and checked
+               (the demo corpora come in the same way)
+  splits.py    which split trains, which is held out, which stops early (names or seeded slices)
+  columns.py   which column holds the audio and which the transcript
+  mixing.py    several datasets in one run, by weight
   checks.py    row checks before any encoding; DataError names the dataset, split, row and column
   features.py  decode, log-mel, frozen encoder states and token ids, cached with datasets.map
   batching.py  the stage's task mixture, length-grouped sampling, the 8-stream collator, loaders
