@@ -386,6 +386,15 @@ def test_early_stopping_reads_the_dev_slice_never_the_heldout_split(tmp_path, ti
     assert "no dev split: holding out 2 of 40 rows of 'train' as 'train-dev'" in out
     assert "[asr] step 1: train-dev loss" in out and "[asr] step 2: train-dev loss" in out
     assert "step 1: test loss" not in out and "step 2: test loss" not in out
+    record = json.loads((tmp_path / "out" / "run_record.json").read_text())
+    assert record["data"] == {
+        "dataset": str(tmp_path / "d"),
+        "train_split": "train",
+        "heldout_split": "test",
+        "dev_split": "train-dev",
+        "audio_column": "audio_filepath",
+        "text_column": "text",
+    }
 
 
 def test_several_datasets_mix_by_weight(tmp_path, tiny_checkpoints, utterances, capsys):

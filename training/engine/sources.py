@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from training.common import RECORD, write_json_atomic
 from training.data.formats import Source
 from training.data.mixing import dataset_entries, mix
 from training.data.sources import EMBEDDED, EMBEDDED_QA, Chosen, asr_audio_columns, asr_splits, load_source, qa_splits
 from training.engine.context import RunContext
+
+# What the run chose, kept in run_record.json ("data") for the report and the next person.
+RECORDED_CHOICES = ("train_split", "heldout_split", "dev_split", "audio_column", "text_column")
 
 
 def dataset_name(ctx: RunContext) -> str:
@@ -110,6 +114,10 @@ def load_data(ctx: RunContext) -> None:
         notes += qa.notes
     ctx.recipe = dataclasses.replace(recipe, data=spec)
     ctx.log("\n".join(notes))
+    if ctx.accelerator.is_main_process:  # no barrier here: ranks may be inside main_process_first
+        record = ctx.record()
+        record["data"] = {"dataset": dataset_name(ctx), **{k: getattr(spec, k) for k in RECORDED_CHOICES}}
+        write_json_atomic(ctx.output_dir / RECORD, record)
 
 
 def load_data_and_pretrained(ctx: RunContext) -> None:

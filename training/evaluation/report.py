@@ -112,7 +112,9 @@ def stage_series(output_dir: Path, record: dict[str, Any]) -> list[StageSeries]:
 def wer_splits(record: dict[str, Any], recipe: Recipe) -> list[str]:
     """Eval splits in a stable order: the recipe's held-out split, its dev split, then the rest."""
     seen = {s for key in BOUNDARIES for s in (record["stages"].get(key) or {}).get("wer", {})}
-    first = [s for s in (recipe.data.heldout_split, recipe.data.dev_split) if s in seen]
+    chosen = record.get("data", {})  # the splits the run chose (recipes may leave them to be recognized)
+    heldout, dev = (chosen.get(k, getattr(recipe.data, k)) for k in ("heldout_split", "dev_split"))
+    first = [s for s in (heldout, dev) if s in seen]
     return first + sorted(seen - set(first))
 
 
