@@ -1,7 +1,8 @@
 """Train Mini-Omni's three stages: `accelerate launch training/run.py --stage all`.
 
 Exit codes: 0 done; 2 bad input or stage order; 3 a WER gate stopped the run; 4 the loss stayed
-non-finite (checkpoint saved); 75 stopped on a signal with a checkpoint saved (rerun the same command to resume).
+non-finite (checkpoint saved); 70 a rank failed in a multi-process run (its rank, phase and every
+stack are in the log); 75 stopped on a signal with a checkpoint saved (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps")
     parser.add_argument(
+        "--dist-timeout-minutes",
+        type=float,
+        help="end the run (every rank's stack in the log) when a collective waits this long (recipe default 10)",
+    )
+    parser.add_argument(
         "--resume",
         choices=["auto", "never"],
         default="auto",
@@ -136,6 +142,10 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.skip_bad_rows:
         data_changes["skip_bad_rows"] = True
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **data_changes))
+    if args.dist_timeout_minutes is not None:
+        if not args.dist_timeout_minutes > 0:
+            raise RecipeError(f"--dist-timeout-minutes must be > 0, got {args.dist_timeout_minutes}")
+        recipe = dataclasses.replace(recipe, dist_timeout_minutes=args.dist_timeout_minutes)
     if args.encoder:
         recipe = dataclasses.replace(recipe, encoder=args.encoder, llm=args.llm)
     return recipe
@@ -145,6 +155,7 @@ def train_stages(ctx, stages: list[str]) -> int:
     """Run the stages in order; the exit code says how the run ended (see the module docstring)."""
     from training.data.checks import DataError
     from training.engine.context import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageOrderError, WerGateFailed
+    from training.engine.faults import fail_rank
     from training.engine.sources import load_data_and_pretrained
     from training.engine.stage import run_stage
     from training.engine.weights import initial_weights
@@ -167,6 +178,10 @@ def train_stages(ctx, stages: list[str]) -> int:
         return 4
     except Preempted:
         return REQUEUE_EXIT_CODE
+    except Exception as err:
+        if ctx.accelerator.num_processes == 1:
+            raise  # one process: the traceback says it all
+        fail_rank(ctx.accelerator, ctx.phase, err)  # prints rank, phase, stacks; never returns
     return 0
 
 
@@ -185,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports only once the arguments are known to be good.
     from training.engine.boundary import format_wer_table, write_run_report
     from training.engine.context import RunContext
+    from training.engine.faults import Phase
     from training.engine.launch import make_accelerator
     from training.engine.prepare import prepare_only, validate_only
 
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         init_from=args.init_from,
         max_steps=args.max_steps,
         resume=args.resume,
+        phase=Phase(accelerator, recipe.dist_timeout_minutes * 60),
     )
     stages = list(STAGE_NAMES) if args.stage in ("all", None) else [args.stage]
     ctx.log(

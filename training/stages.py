@@ -208,6 +208,9 @@ class Recipe:
     max_grad_norm: float = 1.0
     seed: int = 1234
     num_workers: int = 0
+    # A collective (all-reduce, barrier) that waits longer than this ends the run with every rank's
+    # stack, instead of holding the allocation until its wall-clock limit (gloo's default is 30).
+    dist_timeout_minutes: float = 10.0
     save_every: int = 1_000  # optimizer steps between resumable checkpoints
     keep_last: int = 2  # step checkpoints kept per stage (stage-final exports are never deleted)
     log_every: int = 10
@@ -228,6 +231,8 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}': stages must be {STAGE_NAMES} in order")
         for spec in self.stages:
             spec.validate()
+        if not self.dist_timeout_minutes > 0:
+            raise RecipeError(f"recipe '{self.name}': dist_timeout_minutes must be > 0")
         if self.frame_stack < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise RecipeError(f"recipe '{self.name}': frame_stack, batch_size, grad_accum must be >= 1")
         if (self.encoder is None) != (self.llm is None):

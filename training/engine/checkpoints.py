@@ -97,6 +97,7 @@ def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
     """The fields a resumed stage must share with the run that wrote the checkpoint."""
     fields = recipe.to_dict()
     fields.pop("stages")
+    fields.pop("dist_timeout_minutes")  # how long to wait for a hung rank changes no result
     fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))
     return fields
 

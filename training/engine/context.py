@@ -11,6 +11,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from training.common import RECORD, read_json, write_json_atomic
+from training.engine.faults import Phase
 from training.stages import Recipe, StageSpec
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
@@ -48,6 +49,11 @@ class RunContext:
     checked_qa_splits: dict[str, Any] = field(default_factory=dict)
     pretrained: tuple[str, str] | None = None  # (encoder, llm) paths or hub ids
     skipped_rows: dict[str, int] = field(default_factory=dict)  # split -> bad rows left out
+    phase: Phase | None = None  # where this rank is, for failure messages (engine/faults.py)
+
+    def enter(self, phase: str, watch: bool = True) -> None:
+        if self.phase is not None:
+            self.phase.enter(phase, watch)
 
     def log(self, message: str) -> None:
         self.accelerator.print(message, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,7 +41,11 @@ def make_accelerator(recipe: Recipe, report_to: str = "none", project_dir: Path 
     on_cpu = not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and distributed else []
+    timeout = timedelta(minutes=recipe.dist_timeout_minutes)
+    group = (
+        InitProcessGroupKwargs(backend="gloo", timeout=timeout) if on_cpu else InitProcessGroupKwargs(timeout=timeout)
+    )
+    handlers = [group] if distributed else []
     # One optimizer step is always exactly grad_accum micro-batches, across epoch boundaries too.
     accumulation = GradientAccumulationPlugin(num_steps=recipe.grad_accum, sync_with_dataloader=False)
     # cpu=True turns a torchrun launch on a GPU-less machine into gloo DDP (without it each rank

@@ -8,6 +8,7 @@ from typing import Any
 from training.data.checks import DataError, ValidationReport, asr_row_check, qa_row_check, validate_split
 from training.data.features import FeatureEncoder, prepare_qa_split, prepare_split
 from training.engine.context import RunContext
+from training.engine.rank_zero import rank_zero_first
 from training.engine.sources import audio_window, dataset_name, load_data, load_data_and_pretrained, qa_dataset_name
 from training.engine.weights import PRETRAINED, encoder_key, make_model
 from training.model import OmniModel
@@ -47,7 +48,7 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
     jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items()]
     jobs += [(f"qa:{split}", ds, qa_dataset_name(ctx), prepare_qa_split) for split, ds in ctx.qa_splits.items()]
     out = {}
-    with ctx.accelerator.main_process_first():
+    with rank_zero_first(ctx.accelerator, "filling the feature cache"):
         for name, ds, source, prepare in jobs:
             split = name.removeprefix("qa:")
             out[name] = prepare(ds, f"dataset '{source}', split '{split}'", ctx.recipe.data, encoder)

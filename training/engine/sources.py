@@ -16,6 +16,8 @@ from training.data.formats import Source
 from training.data.mixing import dataset_entries, mix
 from training.data.sources import EMBEDDED, EMBEDDED_QA, Chosen, asr_audio_columns, asr_splits, load_source, qa_splits
 from training.engine.context import RunContext
+from training.engine.rank_zero import rank_zero_first
+from training.model.build import outside_zero3_init
 
 # What the run chose, kept in run_record.json ("data") for the report and the next person.
 RECORDED_CHOICES = ("train_split", "heldout_split", "dev_split", "audio_column", "text_column")
@@ -86,16 +88,18 @@ def pretrained_parts(ctx: RunContext) -> tuple[str, str]:
         train = train.rename_columns({spec.audio_column: "audio", spec.text_column: "text"})
     # The stand-in LLM knows the facts the training questions ask for (a real LLM would); the
     # held-out questions only score it, in text: the most that answering them by speech could reach.
-    encoder, llm = demo_pretrained(
-        train,
-        ctx.cache_dir,
-        recipe.standin_scale,
-        recipe.standin_lm_texts,
-        recipe.corpus_scale,
-        qa_pairs(spec.train_split),
-        qa_pairs(spec.heldout_split),
-        ctx.log,
-    )
+    # Built by rank 0 alone, as plain torch: nothing of a ZeRO-3 launch may reach into it.
+    with outside_zero3_init():
+        encoder, llm = demo_pretrained(
+            train,
+            ctx.cache_dir,
+            recipe.standin_scale,
+            recipe.standin_lm_texts,
+            recipe.corpus_scale,
+            qa_pairs(spec.train_split),
+            qa_pairs(spec.heldout_split),
+            ctx.log,
+        )
     return str(encoder), str(llm)
 
 
@@ -114,7 +118,7 @@ def load_data(ctx: RunContext) -> None:
         notes += qa.notes
     ctx.recipe = dataclasses.replace(recipe, data=spec)
     ctx.log("\n".join(notes))
-    if ctx.accelerator.is_main_process:  # no barrier here: ranks may be inside main_process_first
+    if ctx.accelerator.is_main_process:  # no barrier: a single-rank phase (engine/rank_zero.py)
         record = ctx.record()
         record["data"] = {"dataset": dataset_name(ctx), **{k: getattr(spec, k) for k in RECORDED_CHOICES}}
         write_json_atomic(ctx.output_dir / RECORD, record)
@@ -122,10 +126,12 @@ def load_data(ctx: RunContext) -> None:
 
 def load_data_and_pretrained(ctx: RunContext) -> None:
     """load_data, a check of a sample of every split's rows (DataSpec.validate_rows, spread evenly),
-    and the pretrained parts. Rank 0 goes first and fills the caches; the others then read them."""
+    and the pretrained parts. Rank 0 goes first and fills the caches; the others then read them
+    (a single-rank phase: engine/rank_zero.py)."""
     from training.engine.prepare import validate_splits
 
-    with ctx.accelerator.main_process_first():
+    ctx.enter("loading the data and pretrained parts", watch=False)
+    with rank_zero_first(ctx.accelerator, "loading the data and pretrained parts"):
         load_data(ctx)
         validate_splits(ctx, *audio_window(ctx), ctx.recipe.data.validate_rows)
         if ctx.recipe.encoder is None or ctx.pretrained is None:

@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 from training.engine.boundary import StageEvaluation, finish_stage
 from training.engine.checkpoints import StageCheckpoints, recipe_fingerprint
 from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext
+from training.engine.faults import inject_fault
 from training.engine.guards import StopSignals, early_stopping, skipped_step
 from training.engine.launch import check_launch
 from training.engine.loaders import stage_loaders
@@ -53,6 +54,7 @@ class StageRun:
 
     def setup(self) -> None:
         ctx, recipe, spec, acc = self.ctx, self.ctx.recipe, self.spec, self.ctx.accelerator
+        ctx.enter(f"stage {self.stage}: setup", watch=False)  # includes single-rank work (feature cache)
         self.started = time.time()
         self.source = initial_weights(ctx, self.stage)
         check_launch(acc, recipe)
@@ -150,6 +152,7 @@ class StageRun:
         self.train_dl.set_epoch(state["epoch"])
         skip = state["batches_in_epoch"]
         self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+        self.ctx.enter(f"stage {self.stage}: step {state['step']}")
         with StopSignals() as signals, bar:
             while state["step"] < spec.max_steps:
                 metrics = optimizer_step(self)
@@ -157,6 +160,8 @@ class StageRun:
                     skipped_step(self, signals)
                     continue
                 state["step"] += 1
+                inject_fault(acc, state["step"])  # test-only (OMNI_STAGE_FAULT); a no-op otherwise
+                self.ctx.enter(f"stage {self.stage}: step {state['step']}")
                 state["tokens"] = state.get("tokens", 0) + int(metrics["tokens"])
                 state["losses"].append(metrics["loss"])
                 progress.step_done(state["step"], metrics)
@@ -177,6 +182,7 @@ class StageRun:
     # -- finish --------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
+        self.ctx.enter(f"stage {self.stage}: boundary (export, evaluation)", watch=False)
         return finish_stage(self)
 
 

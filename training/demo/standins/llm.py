@@ -118,6 +118,9 @@ def _exact_continuations(
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=pad,
+            # The stand-ins are built by one rank alone: never let generate synchronize with other
+            # ranks (under ZeRO-3 it would, and wait forever for ranks that are not generating).
+            synced_gpus=False,
         )
         correct += out[0, prompt.shape[1] :].tolist() == [*target, eos]
     return correct / max(1, len(cases))
