@@ -13,9 +13,15 @@ Imported as `from tests.helpers import ...` (pyproject.toml puts the repository 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from training.model import build_model
@@ -116,3 +122,47 @@ def asr_run_args(recipe: str, cache_dir: Path, out: Path, steps: int) -> list[st
 def asr_losses(out: Path) -> list[float]:
     """The per-step training losses an asr run wrote to its metrics.jsonl."""
     return [json.loads(line)["loss"] for line in (out / "asr" / "metrics.jsonl").read_text().splitlines()]
+
+
+# Every process a test launches carries this variable (with a value of its own), so that the test
+# can find and stop all of them, orphans included: the elastic agent starts ranks in sessions of
+# their own, and a rank outlives its launcher when the launcher dies first.
+LAUNCH_MARK = "OMNI_STAGE_TEST_LAUNCH"
+
+
+@contextmanager
+def launched(cmd: list[str], env: dict[str, str] | None = None, **popen: Any) -> Iterator[subprocess.Popen]:
+    """Popen(cmd) with stdout+stderr captured as text; on leaving (a timeout, a failed assertion,
+    or normally) every process it started is killed: nothing outlives the test."""
+    mark = uuid.uuid4().hex
+    env = {**os.environ, **(env or {}), LAUNCH_MARK: mark}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+    proc.mark = mark  # type: ignore[attr-defined]  # for launched_processes(proc.mark)
+    try:
+        yield proc
+    finally:
+        kill_launched(mark)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def launched_processes(mark: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(LAUNCH_MARK) == mark:
+                found.append(p)
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    return found
+
+
+def kill_launched(mark: str) -> None:
+    victims = launched_processes(mark)
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=30)

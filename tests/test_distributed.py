@@ -10,17 +10,15 @@ is two orders above the ~1e-6 seen and far below the loss change per step (~0.1-
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from accelerate import Accelerator
 
-from tests.helpers import asr_losses, asr_run_args
+from tests.helpers import asr_losses, asr_run_args, launched, launched_processes
 from training.data import batching as data_lib
 from training.engine.checkpoints import StageCheckpoints
 from training.engine.context import RunContext
@@ -35,8 +33,8 @@ STEPS = 10
 TOLERANCE = 1e-4
 
 
-def _launch(profile: str, recipe: str, cache_dir: Path, out: Path, **popen) -> subprocess.Popen:
-    cmd = [
+def _command(profile: str, recipe: str, cache_dir: Path, out: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -45,12 +43,11 @@ def _launch(profile: str, recipe: str, cache_dir: Path, out: Path, **popen) -> s
         str(ROOT / "training" / "run.py"),
         *asr_run_args(recipe, cache_dir, out, STEPS),
     ]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def _run(profile: str, recipe: str, cache_dir: Path, out: Path) -> dict:
-    proc = _launch(profile, recipe, cache_dir, out)
-    output, _ = proc.communicate(timeout=900)
+    with launched(_command(profile, recipe, cache_dir, out), cwd=ROOT) as proc:  # stopped whole on any exit
+        output, _ = proc.communicate(timeout=900)
     record = json.loads((out / "run_record.json").read_text()) if (out / "run_record.json").exists() else {}
     done = record.get("stages", {}).get("asr", {}).get("complete")
     # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run: the run
@@ -132,17 +129,17 @@ def test_zero3_export_reloads_in_one_process_with_same_wer_and_loss(zero3, recip
 
 
 def test_zero3_resume_after_sigkill_gives_same_losses(zero3, recipe, cache_dir, tmp_path):
-    proc = _launch("cpu_zero3.yaml", recipe, cache_dir, tmp_path)
-    metrics = tmp_path / "asr" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-            # the launcher and both ranks (the elastic agent starts ranks in sessions of their own)
-            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-                p.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.communicate(timeout=120)
+    with launched(_command("cpu_zero3.yaml", recipe, cache_dir, tmp_path), cwd=ROOT) as proc:
+        metrics = tmp_path / "asr" / "metrics.jsonl"
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+                # the launcher and both ranks (the elastic agent starts ranks in sessions of their own)
+                for p in launched_processes(proc.mark):
+                    p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.communicate(timeout=120)
     saved = StageCheckpoints(tmp_path / "asr", keep_last=2).latest()
     assert saved is not None and json.loads((saved / "trainer_state.json").read_text())["step"] == 5
     resumed = _run("cpu_zero3.yaml", recipe, cache_dir, tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import asr_losses, asr_run_args
+from tests.helpers import asr_losses, asr_run_args, launched
 from training.common import atomic_dir
 from training.engine.checkpoints import StageCheckpoints
 from training.engine.context import REQUEUE_EXIT_CODE
@@ -25,15 +25,15 @@ def _command(recipe: str, cache_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def _run_until(cmd: list[str], out: Path, step: int, sig: int) -> subprocess.Popen:
     """Start a run and send `sig` once its metrics log has reached `step`."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    metrics = out / "asr" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
-            proc.send_signal(sig)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=600)
+    with launched(cmd, cwd=ROOT) as proc:  # stopped whole if the test fails on the way
+        metrics = out / "asr" / "metrics.jsonl"
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.05)
+        proc.output, _ = proc.communicate(timeout=600)  # type: ignore[attr-defined]
     return proc
 
 
@@ -71,7 +71,7 @@ def test_sigkill_then_resume_gives_identical_losses(resume_recipe, cache_dir, tm
 
 def test_sigterm_checkpoints_and_exits_with_requeue_code(resume_recipe, cache_dir, tmp_path, uninterrupted):
     proc = _run_until(_command(resume_recipe, cache_dir, tmp_path), tmp_path, step=7, sig=signal.SIGTERM)
-    output = proc.stdout.read()
+    output = proc.output
     assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
     latest = StageCheckpoints(tmp_path / "asr", keep_last=2).latest()
     stopped_at = json.loads((latest / "trainer_state.json").read_text())["step"]

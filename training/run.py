@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input or stage order; 3 a WER gate stopped the run; 4 the loss stayed
 non-finite (checkpoint saved); 70 a rank failed in a multi-process run (its rank, phase and every
-stack are in the log); 75 stopped on a signal with a checkpoint saved (rerun the same command to resume).
+stack are in the log); 74 a checkpoint did not fit on the disk (the previous one is kept); 75
+stopped on a signal with a checkpoint saved (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--resume",
-        choices=["auto", "never"],
         default="auto",
-        help="auto: continue from the latest checkpoint; never: refuse a run dir that has one",
+        help="auto: continue from the newest intact checkpoint; never: refuse a run dir that has one; "
+        "or the path of a step checkpoint (<output-dir>/<stage>/checkpoints/step-N) to continue from",
     )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus, stand-ins and feature cache")
     parser.add_argument(
@@ -118,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.stage is None and not (args.dry_run or args.validate_data or args.prepare):
         parser.error("the following arguments are required: --stage")
+    if args.resume not in ("auto", "never") and not (Path(args.resume) / "trainer_state.json").is_file():
+        parser.error(f"--resume {args.resume}: expected auto, never, or a step checkpoint folder (trainer_state.json)")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
     if (args.encoder is None) != (args.llm is None) and not (args.init_from and args.llm is None):
@@ -154,6 +157,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def train_stages(ctx, stages: list[str]) -> int:
     """Run the stages in order; the exit code says how the run ended (see the module docstring)."""
     from training.data.checks import DataError
+    from training.engine.checkpoints import DISK_FULL_EXIT_CODE, CheckpointSaveFailed
     from training.engine.context import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageOrderError, WerGateFailed
     from training.engine.faults import fail_rank
     from training.engine.sources import load_data_and_pretrained
@@ -176,6 +180,9 @@ def train_stages(ctx, stages: list[str]) -> int:
     except NonFiniteLoss as err:
         ctx.log(f"stopped: {err}")
         return 4
+    except CheckpointSaveFailed as err:
+        ctx.log(f"error: {err}")
+        return DISK_FULL_EXIT_CODE
     except Preempted:
         return REQUEUE_EXIT_CODE
     except Exception as err:

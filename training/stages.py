@@ -216,7 +216,7 @@ class Recipe:
     log_every: int = 10
     max_new_tokens: int = 64  # greedy decoding limit at evaluation
     eval_batch_size: int = 32
-    standin_scale: str = "full"  # demo only: "full" or "quick" stand-ins (tests use quick)
+    standin_scale: str = "full"  # demo only: "full", "quick" (tests) or "tiny" (cold-start launch tests)
     corpus_scale: str = "full"  # demo only: "full" or "quick" corpus
     standin_lm_texts: int = 20_000  # demo only: text-only sentences the stand-in LLM also reads
 
@@ -243,8 +243,10 @@ class Recipe:
             )
         if self.nonfinite_patience < 1:
             raise RecipeError(f"recipe '{self.name}': nonfinite_patience must be >= 1")
-        if self.standin_scale not in ("full", "quick") or self.corpus_scale not in ("full", "quick"):
-            raise RecipeError(f"recipe '{self.name}': standin_scale and corpus_scale are 'full' or 'quick'")
+        if self.standin_scale not in ("full", "quick", "tiny") or self.corpus_scale not in ("full", "quick"):
+            raise RecipeError(
+                f"recipe '{self.name}': standin_scale is 'full', 'quick' or 'tiny'; corpus_scale 'full' or 'quick'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

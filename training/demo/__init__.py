@@ -61,9 +61,9 @@ def demo_pretrained(
     a pretrained LLM knows the facts the questions ask for; `qa_heldout` pairs are only scored.
     """
     from training.demo.corpus import corpus_config, text_only_sentences
-    from training.demo.standins import FULL_STANDINS, QUICK_STANDINS, build_standins
+    from training.demo.standins import STANDIN_SCALES, build_standins
 
-    config = FULL_STANDINS if scale == "full" else QUICK_STANDINS
+    config = STANDIN_SCALES[scale]
     extra = text_only_sentences(corpus_config(corpus_scale), lm_texts)
     return build_standins(
         train, cache_dir, config, log=log, extra_texts=extra, qa_pairs=qa_train, qa_heldback=qa_heldout
@@ -73,7 +73,7 @@ def demo_pretrained(
 def demo_audio_window(scale: str) -> tuple[int, int]:
     """(sampling rate, longest clip in samples) of the stand-in encoder at "full" or "quick" scale:
     what the data checks need before the stand-ins exist."""
-    from training.demo.standins import FULL_STANDINS, QUICK_STANDINS
+    from training.demo.standins import STANDIN_SCALES
 
-    config = FULL_STANDINS if scale == "full" else QUICK_STANDINS
+    config = STANDIN_SCALES[scale]
     return config.sampling_rate, config.chunk_length * config.sampling_rate

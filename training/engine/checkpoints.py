@@ -6,6 +6,7 @@ Layout of a run directory:
     run_record.json                  per-stage results (steps, losses, WER, time)
     <stage>/checkpoints/step-000050/ accelerator.save_state + trainer_state.json
     <stage>/checkpoints/latest       name of the newest complete checkpoint
+    <stage>/checkpoints/damaged-step-000050/   one whose files failed their check, set aside
     <stage>/final/                   the stage-final export (load_omni), never deleted
     <stage>/metrics.jsonl            one line per optimizer step
 """
@@ -13,13 +14,15 @@ Layout of a run directory:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from training.common import write_json_atomic, write_text_atomic
+from training.common import LogFn, write_json_atomic, write_text_atomic
 from training.engine.context import StageOrderError
 from training.stages import Recipe, StageSpec
 
@@ -41,7 +44,7 @@ class StageCheckpoints:
         path = self.dir / pointer.read_text().strip()
         return path if (path / TRAINER_STATE).is_file() else None
 
-    def save(self, accelerator, step: int, trainer_state: dict[str, Any]) -> Path:
+    def save(self, accelerator, step: int, trainer_state: dict[str, Any], log: LogFn = print) -> Path:
         """Every process takes part (DeepSpeed shards its state); the main process publishes."""
         name = f"step-{step:07d}"
         final = self.dir / name
@@ -50,14 +53,24 @@ class StageCheckpoints:
             # replacing it would leave `latest` pointing at nothing for a moment
             return final
         tmp = self.dir / f".{name}.tmp"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            # trainer_state.json goes in last: a folder without it is incomplete and ignored
-            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self._warn_if_short_of_space(log)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                # trainer_state.json goes in last: a folder without it is incomplete and ignored;
+                # it lists every file's size and checksum, which a resume verifies
+                write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": file_manifest(tmp)})
+        except (OSError, RuntimeError) as err:
+            if not accelerator.is_main_process or not _out_of_space(err, self.dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSaveFailed(self._no_space_message(name, err)) from err
+        if accelerator.is_main_process:
             if final.exists():  # an incomplete leftover (no trainer_state.json); `latest` never named it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -65,6 +78,30 @@ class StageCheckpoints:
             self._prune(keep=name)
         accelerator.wait_for_everyone()
         return final
+
+    def set_aside_damaged(self, log: LogFn) -> Path | None:
+        """The newest checkpoint whose files match their recorded sizes and checksums; newer damaged
+        ones are renamed damaged-<name> (never deleted) and `latest` moves to the intact one. Run by
+        one rank (a single-rank phase). StageOrderError when checkpoints exist but none is intact."""
+        complete = sorted((p for p in self.dir.glob("step-*") if (p / TRAINER_STATE).is_file()), reverse=True)
+        damaged = []
+        for path in complete:
+            problem = verify_files(path)
+            if problem is None:
+                if damaged:
+                    write_text_atomic(self.dir / LATEST, path.name)
+                    log(f"resuming from {path.name}, the newest intact checkpoint")
+                return path
+            aside = path.with_name(f"damaged-{path.name}")
+            os.replace(path, aside)
+            damaged.append(path.name)
+            log(f"checkpoint {path.name} is damaged ({problem}); set aside as {aside}")
+        if damaged:
+            raise StageOrderError(
+                f"every checkpoint in {self.dir} is damaged ({', '.join(damaged)}; set aside as damaged-*): "
+                "no intact one to resume from; use a new --output-dir, or --resume PATH to a checkpoint"
+            )
+        return None
 
     def load(self, accelerator, path: Path) -> dict[str, Any]:
         accelerator.load_state(str(path))
@@ -84,6 +121,27 @@ class StageCheckpoints:
             )
         return self.load(accelerator, path)
 
+    def _warn_if_short_of_space(self, log: LogFn) -> None:
+        latest = self.latest()
+        if latest is None:
+            return
+        needed, free = folder_bytes(latest), shutil.disk_usage(self.dir).free
+        if free < needed:
+            log(
+                f"warning: {free / 1e6:,.0f} MB free in {self.dir}, the last checkpoint took {needed / 1e6:,.0f} MB: "
+                "the next save may not fit"
+            )
+
+    def _no_space_message(self, name: str, err: BaseException) -> str:
+        latest = self.latest()
+        needed = f"the last checkpoint took {folder_bytes(latest) / 1e6:,.0f} MB, " if latest else ""
+        kept = f"the last good checkpoint, {latest.name}, is kept" if latest else "no earlier checkpoint exists"
+        return (
+            f"saving checkpoint {name} in {self.dir} failed: the file system is full ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); {needed}{shutil.disk_usage(self.dir).free / 1e6:,.0f} MB are free. "
+            f"{kept}; free some space and rerun the same command to resume"
+        )
+
     def _prune(self, keep: str) -> None:
         complete = sorted(p for p in self.dir.glob("step-*") if (p / TRAINER_STATE).is_file())
         for path in complete[: max(0, len(complete) - self.keep_last)]:
@@ -91,6 +149,53 @@ class StageCheckpoints:
                 shutil.rmtree(path)
         for stale in self.dir.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+DISK_FULL_EXIT_CODE = 74  # EX_IOERR
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """A checkpoint could not be written for want of space (the previous one is kept)."""
+
+
+def file_manifest(folder: Path) -> dict[str, list]:
+    """Relative path -> [size in bytes, sha256] of every file under folder."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with path.open("rb") as f:
+            out[str(path.relative_to(folder))] = [path.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+    return out
+
+
+def verify_files(folder: Path) -> str | None:
+    """None if every file a checkpoint recorded is there with its size and checksum; else what is wrong.
+    Checkpoints written before files were recorded pass unchecked."""
+    try:
+        recorded = json.loads((folder / TRAINER_STATE).read_text()).get("files")
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{TRAINER_STATE} unreadable: {err}"
+    for name, (size, digest) in (recorded or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size:,} bytes, {size:,} were written"
+        with path.open("rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                return f"{name} does not match its checksum"
+    return None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _out_of_space(err: BaseException, folder: Path) -> bool:
+    """ENOSPC, or a writer's wrapped error (torch.save raises RuntimeError) with the disk now full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err).lower()
+    return "no space left" in text or "quota" in text or shutil.disk_usage(folder).free < 1 << 20
 
 
 def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 
 from training.engine.boundary import StageEvaluation, finish_stage
-from training.engine.checkpoints import StageCheckpoints, recipe_fingerprint
-from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext
+from training.engine.checkpoints import StageCheckpoints, recipe_fingerprint, verify_files
+from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext, StageOrderError
 from training.engine.faults import inject_fault
 from training.engine.guards import StopSignals, early_stopping, skipped_step
 from training.engine.launch import check_launch
 from training.engine.loaders import stage_loaders
 from training.engine.prepare import prepared_splits
 from training.engine.progress import StepProgress
+from training.engine.rank_zero import rank_zero_first
 from training.engine.step import StepStats, forward_backward, optimizer_step
 from training.engine.weights import PRETRAINED, initial_weights, make_model
 from training.model import is_omni_export, optimizer_groups, parameter_summary, set_trainable
@@ -97,11 +99,24 @@ class StageRun:
         self.resume()
 
     def resume(self) -> None:
-        latest = self.checkpoints.latest()
+        """From --resume PATH when it is this stage's, else the newest intact checkpoint (damaged
+        newer ones are set aside first, by rank 0 alone)."""
+        ctx, acc = self.ctx, self.ctx.accelerator
+        given = Path(ctx.resume) if ctx.resume not in ("auto", "never") else None
+        if given is not None and given.resolve().parent == self.checkpoints.dir.resolve():
+            problem = verify_files(given)
+            if problem is not None:
+                raise StageOrderError(f"--resume {given}: {problem}")
+            latest = given
+        else:
+            if ctx.resume != "never":
+                with rank_zero_first(acc, f"stage {self.stage}: checking checkpoints"):
+                    if acc.is_main_process:
+                        self.checkpoints.set_aside_damaged(self.log)
+            latest = self.checkpoints.latest()
         if latest is not None:
-            self.state = self.checkpoints.resume(
-                self.ctx.accelerator, latest, self.fingerprint, self.ctx.resume, self.stage
-            )
+            mode = "auto" if given is not None else ctx.resume
+            self.state = self.checkpoints.resume(acc, latest, self.fingerprint, mode, self.stage)
             self.log(f"resumed from {latest} at step {self.state['step']}")
 
     # -- train ---------------------------------------------------------------------------------
@@ -110,7 +125,8 @@ class StageRun:
         return self.state["seconds"] + time.time() - self.started
 
     def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.ctx.accelerator, self.state["step"], {**self.state, "seconds": self.elapsed()})
+        state = {**self.state, "seconds": self.elapsed()}
+        self.checkpoints.save(self.ctx.accelerator, self.state["step"], state, self.log)
 
     def next_batch(self) -> dict[str, Any]:
         batch = next(self.batches, None)
@@ -152,16 +168,15 @@ class StageRun:
         self.train_dl.set_epoch(state["epoch"])
         skip = state["batches_in_epoch"]
         self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
-        self.ctx.enter(f"stage {self.stage}: step {state['step']}")
         with StopSignals() as signals, bar:
             while state["step"] < spec.max_steps:
+                self.ctx.enter(f"stage {self.stage}: step {state['step'] + 1}")  # arms the stack watchdog
                 metrics = optimizer_step(self)
                 if metrics is None:
                     skipped_step(self, signals)
                     continue
                 state["step"] += 1
                 inject_fault(acc, state["step"])  # test-only (OMNI_STAGE_FAULT); a no-op otherwise
-                self.ctx.enter(f"stage {self.stage}: step {state['step']}")
                 state["tokens"] = state.get("tokens", 0) + int(metrics["tokens"])
                 state["losses"].append(metrics["loss"])
                 progress.step_done(state["step"], metrics)

@@ -28,7 +28,7 @@ import torch
 from datasets import Dataset
 
 from training.common import LogFn, build_once
-from training.demo.standins.config import FULL_STANDINS, QUICK_STANDINS, StandinConfig
+from training.demo.standins.config import FULL_STANDINS, QUICK_STANDINS, STANDIN_SCALES, StandinConfig
 from training.demo.standins.encoder import CTC_ALPHABET, train_encoder
 from training.demo.standins.llm import QAPair, train_llm
 
@@ -36,6 +36,7 @@ __all__ = [
     "CTC_ALPHABET",
     "FULL_STANDINS",
     "QUICK_STANDINS",
+    "STANDIN_SCALES",
     "RECIPE_VERSION",
     "StandinConfig",
     "build_standins",

@@ -115,3 +115,6 @@ class StandinConfig:
 FULL_STANDINS = StandinConfig()
 # For the test suite: the same stand-ins, trained briefly (good enough to show learning, not for WER).
 QUICK_STANDINS = StandinConfig(ctc_steps=150, lm_steps=300)
+# For launch tests that start from an empty cache: the whole build path, in seconds (learns little).
+TINY_STANDINS = StandinConfig(ctc_steps=10, lm_steps=10, heldback=8)
+STANDIN_SCALES = {"full": FULL_STANDINS, "quick": QUICK_STANDINS, "tiny": TINY_STANDINS}
