@@ -418,3 +418,29 @@ def test_several_datasets_mix_by_weight(tmp_path, tiny_checkpoints, utterances, 
     assert code == 3, out  # trained two steps, then the stage's WER gate
     assert json.loads((tmp_path / "out" / "run_record.json").read_text())["stages"]["asr"]["steps"] == 2
     assert [_digest(folder), _digest(manifests)] == before
+
+
+def test_spoken_qa_from_a_jsonl_manifest(tmp_path, tiny_checkpoints, capsys):
+    """--qa-dataset reads the same formats: question audio by path, answer speech as SNAC codes;
+    its one split gets a carved held-out slice, named as the ASR run's held-out split."""
+    asr = [{"audio_filepath": _tone(tmp_path / "asr" / f"{i}.wav").name, "text": "a cat"} for i in range(4)]
+    _jsonl(tmp_path / "asr" / "train.jsonl", asr)
+    _jsonl(tmp_path / "asr" / "test.jsonl", asr)
+    qa = [
+        {
+            "question_audio": _tone(tmp_path / "qa" / f"q{i}.wav", 1 + i / 20).name,
+            "question": "what is the opposite of hot",
+            "answer": "cold",
+            "answer_snac": "# 1 2 3 4 5 6 7 # 8 9 10 11 12 13 14",
+        }
+        for i in range(20)
+    ]
+    _jsonl(tmp_path / "qa" / "qa.jsonl", qa)
+    code = _run(tmp_path, tiny_checkpoints, tmp_path / "asr", "--qa-dataset", str(tmp_path / "qa"), "--validate-data")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (
+        f"QA dataset '{tmp_path / 'qa'}' (JSON lines manifests): train 'qa' 19 rows, held-out 'qa-heldout' 1 rows"
+        in out
+    )
+    assert f"dataset '{tmp_path / 'qa'}', split 'qa': checked all 20 rows: 0 bad" in out
