@@ -113,3 +113,18 @@ def test_cli_exits_0_quickly_without_a_launcher():
         timeout=120,
     )
     assert bad.returncode == 2 and "x/y" in bad.stderr
+
+
+def test_feature_cache_size_and_encoder_share_for_the_recipes_hours():
+    """Mini-Omni's ASR data (~8,600 h): whisper-small's 50 frames/s x 768 floats cost 553 MB per hour
+    in fp32; the encoder's forward over its 1,500-position window is 2 x 88.2 M x 1,500 FLOPs a row."""
+    from training.model.dry_run import format_data_cost
+
+    result = dry_run(MINI_OMNI, STAGE_NAMES, gpus_per_node=8, nodes=1, speech_hours=8_600)
+    lines = format_data_cost(result)
+    assert lines[0].startswith("data: 8,600 h of speech (--speech-hours) = 1,548,000,000 encoder frames of 768")
+    assert "feature cache on disk: 4,755.5 GB in fp32, 2,377.7 GB in bf16 (553 MB per hour in fp32)" in lines[1]
+    encoder = 2 * WHISPER_SMALL_ENCODER * 1500
+    assert f"({encoder / 1e9:,.0f} GFLOP of" in lines[2]  # 264 GFLOP a row
+    shares = [int(line.split(" would be ")[1].split("%")[0]) for line in lines[2:]]
+    assert len(shares) == 3 and all(5 < s < 30 for s in shares) and shares[0] > shares[2]  # asr trains least

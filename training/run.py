@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dry.add_argument("--gpus", type=int, default=8, help="GPUs per node to size for (default 8)")
     dry.add_argument("--nodes", type=int, default=1, help="nodes to size for (default 1)")
     dry.add_argument("--speech-seconds", type=float, help="typical utterance length (default 10)")
+    dry.add_argument(
+        "--speech-hours", type=float, help="hours of speech to size the encoder-state cache for (default 1)"
+    )
     dry.add_argument("--text-tokens", type=int, help="typical answer length in tokens (default 3 per second of speech)")
     args = parser.parse_args(argv)
     if args.stage is None and not (args.dry_run or args.validate_data or args.prepare):
@@ -202,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:  # before any Accelerator exists: plain `python training/run.py --dry-run` works
         from training.model.dry_run import main_dry_run
 
-        return main_dry_run(recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens)
+        return main_dry_run(
+            recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens, args.speech_hours
+        )
 
     # Heavy imports only once the arguments are known to be good.
     from training.engine.boundary import format_wer_table, write_run_report

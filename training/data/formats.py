@@ -1,5 +1,6 @@
 """Readers for the ways speech data is commonly kept on disk, each into `datasets.Dataset` splits.
 
+- a folder of shards written by ``python -m training.data.shard`` (memory-mapped Arrow files);
 - a folder written by ``save_to_disk``;
 - an audiofolder: audio files with ``metadata.csv`` / ``metadata.jsonl`` (a ``file_name`` column,
   paths relative to the metadata file), at the top or in split folders (``train/``, ``test/``, ...);
@@ -28,6 +29,8 @@ import datasets
 import pyarrow as pa
 
 from training.data.checks import DataError
+from training.data.shard import MANIFEST as SHARD_MANIFEST
+from training.data.shard import read_shards
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -69,6 +72,8 @@ class Source:
 
 def read_folder(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
     """A local folder in any of the formats above (DataError naming what was found otherwise)."""
+    if (path / SHARD_MANIFEST).is_file():
+        return Source.of(datasets.DatasetDict(read_shards(path)), name, "shards (memory-mapped)")
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.Dataset):

@@ -47,6 +47,7 @@ SHIPPED_CONFIGS: dict[str, Path] = {
 GIB = 1024**3
 # Read speech runs at ~2.5 words/s, ~1.2 Qwen2 tokens per English word: ~3 text tokens per second.
 TEXT_TOKENS_PER_SECOND = 3.0
+ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 100 mel frames per second, halved by its strided conv
 DEFAULT_SPEECH_SECONDS = 10.0  # a spoken question or a read sentence; the demo corpus' are ~1.8 s
 PROMPT_EXTRA = 3  # input_a, eoa and the task token around the speech positions
 ANSWER_EXTRA = 1  # the eot closing the text answer
@@ -195,6 +196,10 @@ class DryRun:
     text_tokens: int
     seq_len: int
     stages: list[StageReport]
+    encoder_params: int = 0
+    encoder_positions: int = 0  # the encoder's window: it runs on every clip padded to it
+    encoder_width: int = 0
+    speech_hours: float = 1.0
 
     @property
     def world(self) -> int:
@@ -219,6 +224,7 @@ def dry_run(
     nodes: int = 1,
     speech_seconds: float | None = None,
     text_tokens: int | None = None,
+    speech_hours: float | None = None,
 ) -> DryRun:
     if recipe.encoder is None or recipe.llm is None:
         raise DryRunError(
@@ -263,6 +269,10 @@ def dry_run(
         text_tokens=tokens,
         seq_len=seq_len,
         stages=reports,
+        encoder_params=count(model.encoder.parameters()),
+        encoder_positions=max_frames,
+        encoder_width=model.encoder.config.d_model,
+        speech_hours=speech_hours if speech_hours is not None else 1.0,
     )
 
 
@@ -327,6 +337,7 @@ def format_dry_run(result: DryRun) -> str:
                 f"  {mem.profile:<14} {_gib(mem.weights):>8} {_gib(mem.grads_optim):>11} {_gib(mem.gathered):>9} "
                 f"{_gib(mem.gpu_total):>10} {_gib(mem.cpu_per_node):>9}"
             )
+    lines += ["", *format_data_cost(result)]
     lines += [
         "",
         "'in optimizer' counts whole tensors that get gradients: with train_text_specials the full embedding "
@@ -337,15 +348,52 @@ def format_dry_run(result: DryRun) -> str:
     return "\n".join(lines)
 
 
+def format_data_cost(result: DryRun) -> list[str]:
+    """What caching the frozen encoder's states costs on disk, against computing them in the step."""
+    frames_per_hour = 3600 * ENCODER_FRAMES_PER_SECOND
+    per_hour = frames_per_hour * result.encoder_width
+    hours = result.speech_hours
+    # FLOPs per row: the encoder's forward over its whole padded window; the LLM's forward (2N per
+    # position), backward through it (2N) and the weight gradients of what trains (2 x trainable).
+    encoder = 2 * result.encoder_params * result.encoder_positions
+    llm = result.llm_grown
+    lines = [
+        f"data: {hours:,g} h of speech (--speech-hours) = {hours * frames_per_hour:,.0f} encoder frames of "
+        f"{result.encoder_width} values",
+        f"  feature cache on disk: {hours * per_hour * 4 / 1e9:,.1f} GB in fp32, {hours * per_hour * 2 / 1e9:,.1f} GB "
+        f"in bf16 ({per_hour * 4 / 1e6:,.0f} MB per hour in fp32)",
+    ]
+    for rep in result.stages:
+        step = (4 * llm + 2 * rep.modules["llm"][2] + 6 * rep.modules["adapter"][2]) * result.seq_len
+        share = encoder / (encoder + step)
+        lines.append(
+            f"  stage {rep.stage.name}: the frozen encoder computed in the step would be {share:.0%} of its "
+            f"FLOPs ({encoder / 1e9:,.0f} GFLOP of {(encoder + step) / 1e9:,.0f} per row)"
+        )
+    return lines
+
+
 def main_dry_run(
-    recipe: Recipe, stage: str, gpus_per_node: int, nodes: int, speech_seconds: float | None, text_tokens: int | None
+    recipe: Recipe,
+    stage: str,
+    gpus_per_node: int,
+    nodes: int,
+    speech_seconds: float | None,
+    text_tokens: int | None,
+    speech_hours: float | None = None,
 ) -> int:
     """run.py's --dry-run branch: print the report; exit code 0, or 2 on a config problem."""
     from training.stages import STAGE_NAMES
 
     try:
         result = dry_run(
-            recipe, list(STAGE_NAMES) if stage == "all" else [stage], gpus_per_node, nodes, speech_seconds, text_tokens
+            recipe,
+            list(STAGE_NAMES) if stage == "all" else [stage],
+            gpus_per_node,
+            nodes,
+            speech_seconds,
+            text_tokens,
+            speech_hours,
         )
     except DryRunError as err:
         print(f"error: {err}", file=sys.stderr)
