@@ -106,9 +106,12 @@ class TaskMixture(torch.utils.data.Dataset):
     def _lengths(self, frame_stack: int) -> np.ndarray:
         """Approximate positions per item, for grouping similar lengths into a batch."""
         asr, qa = self.sources["asr"], self.sources["qa"]
-        asr_len = np.array(
-            [n_adapter_frames(int(n), frame_stack) + len(t) for n, t in zip(asr["n_frames"], asr["text_ids"])]
-        )
+        if hasattr(asr, "lengths"):  # rows made on demand (data/stream.py): estimated lengths
+            asr_len = asr.lengths(frame_stack)
+        else:
+            asr_len = np.array(
+                [n_adapter_frames(int(n), frame_stack) + len(t) for n, t in zip(asr["n_frames"], asr["text_ids"])]
+            )
         if qa is not None:
             speech = np.array([n_adapter_frames(int(n), frame_stack) for n in qa["n_frames"]])
             question = np.array([len(q) for q in qa["question_ids"]])
@@ -167,7 +170,8 @@ class SpeechTextCollator:
         laid_out = [self._example(r) for r in rows]
         width = max(e.input_ids.shape[1] for e, _, _ in laid_out)
         frames = max(n for _, n, _ in laid_out)
-        dim = rows[0]["encoder_states"].shape[-1]
+        in_step = "input_features" in rows[0]  # the encoder runs in the step (data/stream.py)
+        dim = 0 if in_step else rows[0]["encoder_states"].shape[-1]
         batch = len(rows)
         input_ids = pad_token_column(self.layout)[None, :, None].repeat(batch, 1, width)
         labels = torch.full((batch, input_ids.shape[1], width), IGNORE, dtype=torch.long)
@@ -180,13 +184,19 @@ class SpeechTextCollator:
             labels[i, :, :t] = e.labels
             attention[i, :t] = 1
             audio_mask[i, :t] = e.audio_mask
-            states[i, :n] = torch.from_numpy(np.asarray(r["encoder_states"], dtype=np.float32)[:n])
+            if not in_step:
+                states[i, :n] = torch.from_numpy(np.asarray(r["encoder_states"], dtype=np.float32)[:n])
+        audio = (
+            {"input_features": torch.from_numpy(np.stack([r["input_features"] for r in rows]))}
+            if in_step
+            else {"encoder_states": states}
+        )
         return {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention,
             "audio_mask": audio_mask,
-            "encoder_states": states,
+            **audio,
             "encoder_lengths": torch.tensor([n for _, n, _ in laid_out]),
             "texts": [ref for _, _, ref in laid_out],  # reference answers (transcripts for asr), for evaluation
             "task_ids": torch.tensor([TASKS.index(self.task or r.get("task", "asr")) for r in rows]),
@@ -208,7 +218,12 @@ def train_loader(
     seed: int,
     num_workers: int = 0,
 ) -> DataLoader:
-    lengths = dataset.lengths if isinstance(dataset, TaskMixture) else dataset["n_frames"]
+    if isinstance(dataset, TaskMixture):
+        lengths = dataset.lengths
+    elif hasattr(dataset, "lengths"):  # rows made on demand (data/stream.py): frames from the seconds column
+        lengths = dataset.n_frames
+    else:
+        lengths = dataset["n_frames"]
     sampler = LengthGroupedSampler(lengths, batch_size, seed)
     return DataLoader(
         dataset,

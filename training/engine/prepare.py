@@ -7,6 +7,7 @@ from typing import Any
 
 from training.data.checks import DataError, ValidationReport, asr_row_check, qa_row_check, validate_split
 from training.data.features import FeatureEncoder, prepare_qa_split, prepare_split
+from training.data.stream import EncodeInStep
 from training.engine.context import RunContext
 from training.engine.rank_zero import rank_zero_first
 from training.engine.sources import audio_window, dataset_name, load_data, load_data_and_pretrained, qa_dataset_name
@@ -36,7 +37,8 @@ def validate_splits(ctx: RunContext, sr: int, window: int, max_rows: int | None)
 
 
 def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
-    """Every split's cached features: ASR splits by name, QA splits as "qa:<name>"."""
+    """Every split's features: ASR splits by name, QA splits as "qa:<name>"; cached, except a
+    training split whose encoder states are computed in the step (data/stream.py)."""
     encoder = FeatureEncoder(
         feature_extractor,
         tokenizer,
@@ -45,9 +47,18 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
         n_mel_frames=model.n_mel_frames,
         cache_dir=ctx.cache_dir / "features",
     )
-    jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items()]
+    spec = ctx.recipe.data
+    out: dict[str, Any] = {}
+    train = ctx.splits[spec.train_split]
+    if encode_in_step(spec, len(train)):
+        where = f"dataset '{dataset_name(ctx)}', split '{spec.train_split}'"
+        out[spec.train_split] = EncodeInStep(train, where, spec, feature_extractor, tokenizer, model.n_mel_frames)
+        ctx.log(
+            f"split '{spec.train_split}': {len(train):,} rows read as training goes, the frozen encoder run in "
+            "each step (no feature cache; data.encoder_states)"
+        )
+    jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items() if split not in out]
     jobs += [(f"qa:{split}", ds, qa_dataset_name(ctx), prepare_qa_split) for split, ds in ctx.qa_splits.items()]
-    out = {}
     with rank_zero_first(ctx.accelerator, "filling the feature cache"):
         for name, ds, source, prepare in jobs:
             split = name.removeprefix("qa:")
@@ -56,6 +67,13 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
                 ctx.skipped_rows[name] = len(ds) - len(out[name])
                 ctx.log(f"split '{name}': left out {ctx.skipped_rows[name]} bad rows of {len(ds):,} (--skip-bad-rows)")
     return out
+
+
+def encode_in_step(spec, train_rows: int) -> bool:
+    """Whether the training split's encoder states are computed in the step (data.encoder_states)."""
+    if spec.encoder_states == "auto":
+        return train_rows >= spec.encode_in_step_rows
+    return spec.encoder_states == "step"
 
 
 def validate_only(ctx: RunContext) -> int:

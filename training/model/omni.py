@@ -137,6 +137,7 @@ class OmniModel(nn.Module):
         audio_mask: torch.Tensor,
         encoder_states: torch.Tensor | None = None,
         encoder_lengths: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Loss = mean over streams (that have labels) of each stream's token-mean CE.
 
@@ -147,6 +148,13 @@ class OmniModel(nn.Module):
         Logits are computed only at labelled positions: the other ~90 % of a speech batch never
         needs the 181k-wide output projection.
         """
+        if encoder_states is None and input_features is not None:
+            # the frozen encoder in the step (data/stream.py): log-mel in, states out, no gradients
+            with torch.no_grad():
+                states = self.encode(input_features.to(next(self.encoder.parameters()).dtype))
+                # frames past each clip's end are zero, as in cached states (a stacked group may straddle it)
+                frames = torch.arange(states.shape[1], device=states.device)[None, :, None]
+                encoder_states = states * (frames < encoder_lengths[:, None, None].to(states.device))
         x = self.embed(input_ids, audio_mask, encoder_states, encoder_lengths)
         hidden = self.llm.model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, :, 1:].permute(0, 2, 1)  # [B, T-1, 8]: position t predicts t+1
@@ -197,9 +205,18 @@ class OmniModel(nn.Module):
         return F.linear(hidden, head.weight[start:end], None if head.bias is None else head.bias[start:end])
 
 
-MODEL_KEYS = ("input_ids", "labels", "attention_mask", "audio_mask", "encoder_states", "encoder_lengths")
+MODEL_KEYS = (
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "audio_mask",
+    "encoder_states",
+    "encoder_lengths",
+    "input_features",
+)
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """The keys of a collated batch that OmniModel.forward takes."""
-    return {k: batch[k] for k in MODEL_KEYS}
+    """The keys of a collated batch that OmniModel.forward takes (encoder states, or log-mel
+    features when the encoder runs in the step)."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
