@@ -10,6 +10,8 @@
   checks.py    row checks before any encoding; DataError names the dataset, split, row and column
   features.py  decode, log-mel, frozen encoder states and token ids, cached with datasets.map
   batching.py  the stage's task mixture, length-grouped sampling, the 8-stream collator, loaders
+  stream.py    the training split read row by row, log-mel made by the loader, the encoder in the step
+  shard.py     the shard converter (python -m training.data.shard) and the memory-mapped shard reader
 
 May import training.stages, training.common and training.speech; never the engine, the model or
 the demo.
