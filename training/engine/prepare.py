@@ -57,6 +57,11 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
             f"split '{spec.train_split}': {len(train):,} rows read as training goes, the frozen encoder run in "
             "each step (no feature cache; data.encoder_states)"
         )
+    else:
+        ctx.log(
+            f"split '{spec.train_split}': {len(train):,} rows, encoder states computed once and cached "
+            f"(data.encoder_states '{spec.encoder_states}'; in the step from {spec.encode_in_step_rows:,} rows)"
+        )
     jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items() if split not in out]
     jobs += [(f"qa:{split}", ds, qa_dataset_name(ctx), prepare_qa_split) for split, ds in ctx.qa_splits.items()]
     with rank_zero_first(ctx.accelerator, "filling the feature cache"):
