@@ -13,6 +13,7 @@ from tests.test_formats import nemo_manifests, utterances  # noqa: F401 - the fi
 from training.data.shard import main as shard_main
 from training.engine.faults import InjectedFault
 from training.run import main
+from training.stages import DataSpec
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,38 @@ def test_encoder_in_the_step_resumes_exactly(tmp_path, tiny_checkpoints, shards,
     monkeypatch.delenv("OMNI_STAGE_FAULT")
     assert main(resumed) == 0
     assert asr_losses(tmp_path / "resumed") == pytest.approx(straight, abs=1e-6)
+
+
+def test_every_row_once_per_epoch_across_ranks_and_workers(tmp_path, tiny_checkpoints):
+    """2 processes x 2 loader workers over shards: each rank takes its half of every global batch
+    (Accelerate's split_batches, as in a launch), and every epoch reads every row exactly once."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from tests.test_formats import _jsonl, _tone
+    from training.data.batching import train_loader
+    from training.data.shard import read_shards
+    from training.data.stream import EncodeInStep
+    from training.model import build_model
+
+    rows = [
+        {"audio_filepath": _tone(tmp_path / "d" / f"{i}.wav", 0.5 + i / 50).name, "text": f"row {i}"} for i in range(42)
+    ]
+    assert sf.info(tmp_path / "d" / "0.wav").samplerate == 16000
+    _jsonl(tmp_path / "d" / "train.jsonl", rows)
+    _jsonl(tmp_path / "d" / "test.jsonl", rows[:2])
+    assert shard_main(["--dataset", str(tmp_path / "d"), "--to", str(tmp_path / "s"), "--rows-per-shard", "10"]) == 0
+    model, tokenizer, fe = build_model(*tiny_checkpoints, frame_stack=1)
+    split = read_shards(tmp_path / "s")["train"]
+    spec = DataSpec(audio_column="audio", text_column="text")
+    data = EncodeInStep(split, "shards", spec, fe, tokenizer, model.n_mel_frames)
+    for epoch in (0, 1):
+        seen = {}
+        for rank in (0, 1):
+            loader = train_loader(data, model.layout, 1, batch_size=8, seed=3, num_workers=2)
+            shard = prepare_data_loader(loader, num_processes=2, process_index=rank, split_batches=True)
+            shard.set_epoch(epoch)
+            seen[rank] = [t for batch in shard for t in batch["texts"]]
+        both = seen[0] + seen[1]
+        assert len(seen[0]) == len(seen[1]) == 20  # 5 global batches of 8, half each
+        # 42 rows, 2 carved out as dev: the 40 left are 5 global batches, each row read once
+        assert len(set(both)) == len(both) == len(split) == 40
