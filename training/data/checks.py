@@ -158,11 +158,16 @@ def validate_split(
 
     workers = workers or min(8, os.cpu_count() or 1)
     bar = tqdm(total=len(indices), desc=f"checking {where}", unit="rows", disable=len(indices) < 2_000)
+    contiguous = max_rows is None or n <= max_rows
     with ThreadPoolExecutor(workers) as pool, bar:
         for start in range(0, len(indices), 512):
             chunk = indices[start : start + 512]
-            columns = ds[chunk]
-            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            if contiguous:  # a slice reads just its rows
+                columns = ds[chunk[0] : chunk[-1] + 1]
+                rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+            else:  # a sample, row by row: gathering rows spread over memory-mapped shards in one
+                # call reads far more of the files than the rows themselves (measured: 0.7 GB for 512)
+                rows = [ds[i] for i in chunk]
             for result in pool.map(one, zip(chunk, rows)):
                 if isinstance(result, str):
                     report.bad.append(result)
