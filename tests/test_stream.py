@@ -94,3 +94,29 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(tmp_path, tiny_checkp
         assert len(seen[0]) == len(seen[1]) == 20  # 5 global batches of 8, half each
         # 42 rows, 2 carved out as dev: the 40 left are 5 global batches, each row read once
         assert len(set(both)) == len(both) == len(split) == 40
+
+
+def test_a_stage_that_mixes_qa_rows_caches_the_training_split(tmp_path, tiny_checkpoints, shards, capsys):
+    """Batches hold one kind of row: with spoken-QA rows (cached states) in the mix, the training
+    split is cached too, and the run says so."""
+    from tests.test_formats import _jsonl, _tone
+
+    qa = [
+        {
+            "question_audio": _tone(tmp_path / "qa" / f"q{i}.wav", 1 + i / 20).name,
+            "question": "what is the opposite of hot",
+            "answer": "cold",
+        }
+        for i in range(20)
+    ]
+    _jsonl(tmp_path / "qa" / "qa.jsonl", qa)
+    recipe = tmp_path / "mixed.json"
+    fields = {"batch_size": 8, "data": {"encoder_states": "step"}}
+    fields["stages"] = {"asr": {"max_wer": None, "task_mix": {"asr": 0.5, "a1t2": 0.5}}}
+    recipe.write_text(json.dumps(fields))
+    enc, llm = tiny_checkpoints
+    args = ["--stage", "asr", "--recipe", str(recipe), "--dataset", str(shards), "--qa-dataset", str(tmp_path / "qa")]
+    args += ["--encoder", enc, "--llm", llm, "--max-steps", "2", "--output-dir", str(tmp_path / "o")]
+    assert main([*args, "--cache-dir", str(tmp_path / "c"), "--report-to", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "mixes spoken-QA rows into its batches: the training split's encoder states are cached" in out

@@ -171,6 +171,8 @@ class SpeechTextCollator:
         width = max(e.input_ids.shape[1] for e, _, _ in laid_out)
         frames = max(n for _, n, _ in laid_out)
         in_step = "input_features" in rows[0]  # the encoder runs in the step (data/stream.py)
+        if any(("input_features" in r) != in_step for r in rows):
+            raise DataError("a batch mixes rows with cached encoder states and rows encoded in the step")
         dim = 0 if in_step else rows[0]["encoder_states"].shape[-1]
         batch = len(rows)
         input_ids = pad_token_column(self.layout)[None, :, None].repeat(batch, 1, width)

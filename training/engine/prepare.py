@@ -36,9 +36,13 @@ def validate_splits(ctx: RunContext, sr: int, window: int, max_rows: int | None)
     return reports
 
 
-def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
+def prepared_splits(
+    ctx: RunContext, model: OmniModel, feature_extractor, tokenizer, mixes_qa: bool = False
+) -> dict[str, Any]:
     """Every split's features: ASR splits by name, QA splits as "qa:<name>"; cached, except a
-    training split whose encoder states are computed in the step (data/stream.py)."""
+    training split whose encoder states are computed in the step (data/stream.py). A stage that
+    mixes QA rows (cached) into its batches (`mixes_qa`) caches the training split too: a batch
+    holds one kind of row."""
     encoder = FeatureEncoder(
         feature_extractor,
         tokenizer,
@@ -50,7 +54,11 @@ def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokeni
     spec = ctx.recipe.data
     out: dict[str, Any] = {}
     train = ctx.splits[spec.train_split]
-    if encode_in_step(spec, len(train)):
+    in_step = encode_in_step(spec, len(train))
+    if in_step and mixes_qa:
+        in_step = False
+        ctx.log("this stage mixes spoken-QA rows into its batches: the training split's encoder states are cached")
+    if in_step:
         where = f"dataset '{dataset_name(ctx)}', split '{spec.train_split}'"
         out[spec.train_split] = EncodeInStep(train, where, spec, feature_extractor, tokenizer, model.n_mel_frames)
         ctx.log(
