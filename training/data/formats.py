@@ -79,9 +79,11 @@ def read_folder(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
         if isinstance(loaded, datasets.Dataset):
             loaded = datasets.DatasetDict({"train": loaded})
         return Source.of(loaded, name, "save_to_disk folder")
-    metadata = sorted(p for p in path.rglob("metadata.*") if p.name in METADATA_FILES)
-    if metadata:
-        return _audiofolder(path, name, metadata)
+    # An audiofolder keeps its metadata at the top or in its split folders; looked for there first,
+    # so that a Common Voice folder (manifests beside a clips/ of a million files) is never walked.
+    near = [d / m for d in (path, *(c for c in path.iterdir() if c.is_dir())) for m in METADATA_FILES]
+    if any(p.is_file() for p in near):
+        return _audiofolder(path, name, sorted(p for p in path.rglob("metadata.*") if p.name in METADATA_FILES))
     manifests = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES)
     if manifests:
         return Source(
@@ -89,6 +91,9 @@ def read_folder(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
             f"{_manifest_kind(manifests)} manifests",
             {_split_of(p): (lambda p=p: read_manifest(p, audio_columns)) for p in manifests},
         )
+    deep = sorted(p for p in path.rglob("metadata.*") if p.name in METADATA_FILES)
+    if deep:  # metadata further down (e.g. one per speaker folder)
+        return _audiofolder(path, name, deep)
     if any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in path.rglob("*") if p.is_file()):
         return Source.of(datasets.load_dataset(str(path)), name, "data files (datasets.load_dataset)")
     found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
