@@ -217,6 +217,7 @@ def test_each_format_validates_and_trains_with_only_dataset(tmp_path, tiny_check
     out = capsys.readouterr().out
     assert chosen in out, out
     assert "no bad rows" in out and "resampled to 16000 Hz" in out, out
+    assert not (tmp_path / "out" / "run_record.json").exists()  # --validate-data writes nothing
 
     # Two steps of the demo recipe's asr stage: trained, exported, scored, and stopped by its WER gate.
     code = _run(tmp_path, tiny_checkpoints, dataset, "--stage", "asr", "--max-steps", "2")

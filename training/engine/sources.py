@@ -118,10 +118,6 @@ def load_data(ctx: RunContext) -> None:
         notes += qa.notes
     ctx.recipe = dataclasses.replace(recipe, data=spec)
     ctx.log("\n".join(notes))
-    if ctx.accelerator.is_main_process:  # no barrier: a single-rank phase (engine/rank_zero.py)
-        record = ctx.record()
-        record["data"] = {"dataset": dataset_name(ctx), **{k: getattr(spec, k) for k in RECORDED_CHOICES}}
-        write_json_atomic(ctx.output_dir / RECORD, record)
 
 
 def load_data_and_pretrained(ctx: RunContext) -> None:
@@ -133,6 +129,10 @@ def load_data_and_pretrained(ctx: RunContext) -> None:
     ctx.enter("loading the data and pretrained parts", watch=False)
     with rank_zero_first(ctx.accelerator, "loading the data and pretrained parts"):
         load_data(ctx)
+        if ctx.accelerator.is_main_process:  # no barrier: a single-rank phase (engine/rank_zero.py)
+            record, spec = ctx.record(), ctx.recipe.data
+            record["data"] = {"dataset": dataset_name(ctx), **{k: getattr(spec, k) for k in RECORDED_CHOICES}}
+            write_json_atomic(ctx.output_dir / RECORD, record)
         validate_splits(ctx, *audio_window(ctx), ctx.recipe.data.validate_rows)
         if ctx.recipe.encoder is None or ctx.pretrained is None:
             ctx.pretrained = pretrained_parts(ctx)
