@@ -61,6 +61,12 @@ class LengthGroupedSampler(Sampler[int]):
             yield from batches[b].tolist()
 
 
+def cycled_rows(rng: np.random.Generator, n_rows: int, count: int) -> np.ndarray:
+    """`count` row indices of `n_rows`: seeded permutations, one after another, cut to count (every
+    row once before any row twice)."""
+    return np.concatenate([rng.permutation(n_rows) for _ in range(-(-count // n_rows))])[:count]
+
+
 class TaskMixture(torch.utils.data.Dataset):
     """A stage's training items: (task, row) pairs drawn by the stage's task mix.
 
@@ -98,7 +104,7 @@ class TaskMixture(torch.utils.data.Dataset):
             source = "asr" if task == "asr" else "qa"
             n_rows = len(self.sources[source])
             count = max(1, round(weight / total * size))
-            rows = np.concatenate([rng.permutation(n_rows) for _ in range(-(-count // n_rows))])[:count]
+            rows = cycled_rows(rng, n_rows, count)
             items += [(TASKS.index(task), source == "qa", int(r)) for r in rows]
         self.items = np.array(items, dtype=np.int64)
         self.lengths = self._lengths(frame_stack)

@@ -29,6 +29,12 @@ class DataError(ValueError):
     """Bad input data; the message names the dataset, split, row and field."""
 
 
+# An undecoded audio value as every reader stores it: the file's bytes and/or its path, plus, for a
+# segment of a longer recording, its offset and duration in seconds (speech/audio.decode_audio).
+AUDIO_STRUCT = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+SEGMENT_STRUCT = {**AUDIO_STRUCT, "offset": datasets.Value("float64"), "duration": datasets.Value("float64")}
+
+
 def check_column_types(ds: datasets.Dataset, where: str, spec: DataSpec) -> None:
     """The audio column holds Audio (or its undecoded {bytes, path} struct); the text column strings."""
     audio, text = ds.features[spec.audio_column], ds.features[spec.text_column]
@@ -143,9 +149,8 @@ def validate_split(
     """Decode and check rows (all, or max_rows spread evenly over the split) without encoding them,
     on `workers` threads (soundfile and soxr release the GIL while they decode and resample)."""
     n = len(ds)
-    indices = (
-        list(range(n)) if max_rows is None or n <= max_rows else np.linspace(0, n - 1, max_rows).astype(int).tolist()
-    )
+    sample = max_rows is not None and n > max_rows
+    indices = np.linspace(0, n - 1, max_rows).astype(int).tolist() if sample else list(range(n))
     report = ValidationReport(where=where, rows=n, checked=len(indices))
     started = time.perf_counter()
 
@@ -158,11 +163,10 @@ def validate_split(
 
     workers = workers or min(8, os.cpu_count() or 1)
     bar = tqdm(total=len(indices), desc=f"checking {where}", unit="rows", disable=len(indices) < 2_000)
-    contiguous = max_rows is None or n <= max_rows
     with ThreadPoolExecutor(workers) as pool, bar:
         for start in range(0, len(indices), 512):
             chunk = indices[start : start + 512]
-            if contiguous:  # a slice reads just its rows
+            if not sample:  # a slice reads just its rows
                 columns = ds[chunk[0] : chunk[-1] + 1]
                 rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
             else:  # a sample, row by row: gathering rows spread over memory-mapped shards in one

@@ -28,7 +28,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
-from training.data.checks import DataError
+from training.data.checks import AUDIO_STRUCT, SEGMENT_STRUCT, DataError
 from training.data.shard import MANIFEST as SHARD_MANIFEST
 from training.data.shard import read_shards
 
@@ -94,9 +94,10 @@ def read_folder(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
     deep = sorted(p for p in path.rglob("metadata.*") if p.name in METADATA_FILES)
     if deep:  # metadata further down (e.g. one per speaker folder)
         return _audiofolder(path, name, deep)
-    if any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in path.rglob("*") if p.is_file()):
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in files):
         return Source.of(datasets.load_dataset(str(path)), name, "data files (datasets.load_dataset)")
-    found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    found = sorted(str(p.relative_to(path)) for p in files)
     hint = ""
     if any(p.rsplit(".", 1)[-1].lower() in ("wav", "flac", "ogg", "mp3") for p in found):
         hint = " (audio files but no metadata.csv/metadata.jsonl: the transcripts are missing)"
@@ -130,10 +131,7 @@ def read_manifest(path: Path, audio_columns: Sequence[str]) -> datasets.Dataset:
     rows = _json_lines(path) if path.suffix.lower() in (".jsonl", ".json") else _delimited(path)
     if not rows:
         raise DataError(f"manifest {path}: no rows")
-    columns: dict[str, list[Any]] = {key: [] for row in rows for key in row}
-    for row in rows:
-        for key in columns:
-            columns[key].append(row.get(key))
+    columns = _columns(rows)
     present = [c for c in audio_columns if c in columns]
     segments = "offset" in columns
     for column in present:
@@ -147,6 +145,11 @@ def read_manifest(path: Path, audio_columns: Sequence[str]) -> datasets.Dataset:
         for column in present:
             ds = ds.cast_column(column, datasets.Audio(decode=False))
     return ds
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows as columns, every key any row has (None where a row lacks it), in first-seen order."""
+    return {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
@@ -224,9 +227,7 @@ def _features(columns: dict[str, list[Any]], audio: Sequence[str], segments: boo
     if not audio:
         return None
     inferred = _dataset({k: v for k, v in columns.items() if k not in audio}, None, "manifest").features
-    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
-    if segments:
-        struct |= {"offset": datasets.Value("float64"), "duration": datasets.Value("float64")}
+    struct = SEGMENT_STRUCT if segments else AUDIO_STRUCT
     return datasets.Features({k: struct if k in audio else inferred[k] for k in columns})
 
 
@@ -250,6 +251,6 @@ def _audiofolder_split(metadata: list[Path]) -> datasets.Dataset:
             where = f"{meta}, row {i + 1}, column 'file_name'"
             audio = _audio_value(row.pop("file_name"), meta.parent, row, False, where)
             rows.append({"audio": audio, **row})
-    columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+    columns = _columns(rows)
     ds = _dataset(columns, _features(columns, ["audio"], False), f"metadata {', '.join(map(str, metadata))}")
     return ds.cast_column("audio", datasets.Audio(decode=False))

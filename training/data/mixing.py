@@ -15,12 +15,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from training.data.checks import DataError
+from training.data.batching import cycled_rows
+from training.data.checks import SEGMENT_STRUCT, DataError
 from training.data.sources import Chosen
 
 TRAIN, HELDOUT, DEV = "train", "heldout", "dev"
-AUDIO_STRUCT = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
-SEGMENT_STRUCT = {**AUDIO_STRUCT, "offset": datasets.Value("float64"), "duration": datasets.Value("float64")}
 
 
 def parse_entry(entry: str) -> tuple[str, float]:
@@ -62,8 +61,7 @@ def mix(parts: list[tuple[str, float, Chosen]], seed: int, cache_dir: Path) -> C
     shares, notes = [], []
     for (name, ds), weight in zip(roles[TRAIN], weights):
         count = max(1, round(weight / weights.sum() * size))
-        rows = np.concatenate([rng.permutation(len(ds)) for _ in range(-(-count // len(ds)))])[:count]
-        shares.append(ds.select(rows))
+        shares.append(ds.select(cycled_rows(rng, len(ds), count)))
         notes.append(f"{name}: {count:,} training rows per epoch (weight {weight:g}, {len(ds):,} rows)")
     splits = {TRAIN: datasets.concatenate_datasets(shares)}
     splits[HELDOUT] = datasets.concatenate_datasets([ds for _, ds in roles[HELDOUT]])

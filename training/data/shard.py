@@ -36,14 +36,14 @@ from datasets.arrow_writer import ArrowWriter  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from training.common import write_json_atomic  # noqa: E402
-from training.data.checks import DataError  # noqa: E402
+from training.data.checks import AUDIO_STRUCT, DataError  # noqa: E402
 from training.speech.audio import decode_audio  # noqa: E402
 
 MANIFEST = "manifest.json"
 FORMAT = "omni-stage shards"
 FEATURES = datasets.Features(
     {
-        "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+        "audio": AUDIO_STRUCT,
         "text": datasets.Value("string"),
         "seconds": datasets.Value("float32"),
     }
@@ -57,6 +57,11 @@ class ShardJob:
     start: int
     stop: int
     target: Path
+
+    @property
+    def done(self) -> bool:
+        """Written: the shard and then its sidecar (renamed into place, so never half there)."""
+        return self.target.is_file() and self.target.with_suffix(".json").is_file()
 
 
 def shard_path(to: Path, role: str, index: int) -> Path:
@@ -103,7 +108,7 @@ _COLUMNS: tuple[str, str] = ("audio", "text")
 
 def write_shard(job: ShardJob) -> dict[str, Any]:
     """Write one shard (temp name, then rename); return its manifest entry."""
-    if job.target.is_file() and job.target.with_suffix(".json").is_file():
+    if job.done:
         return json.loads(job.target.with_suffix(".json").read_text())
     audio_column, text_column = _COLUMNS
     rows = _SPLITS[job.role].select(range(job.start, job.stop))
@@ -125,7 +130,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
 
 def write_manifest(to: Path, jobs: list[ShardJob], source: str) -> dict[str, Any] | None:
     """manifest.json once every shard exists (None while some are missing)."""
-    if not all(j.target.is_file() and j.target.with_suffix(".json").is_file() for j in jobs):
+    if not all(j.done for j in jobs):
         return None
     splits: dict[str, Any] = {}
     for job in jobs:
@@ -174,7 +179,7 @@ def convert(
     _COLUMNS = (spec.audio_column, spec.text_column)
     jobs = plan(_SPLITS, to, rows_per_shard)
     mine = [j for k, j in enumerate(jobs) if k % task[1] == task[0]]
-    todo = [j for j in mine if not (j.target.is_file() and j.target.with_suffix(".json").is_file())]
+    todo = [j for j in mine if not j.done]
     log(
         f"{len(jobs)} shards of up to {rows_per_shard:,} rows in {to}; this task: {len(mine)}, "
         f"{len(mine) - len(todo)} already written"

@@ -90,14 +90,7 @@ def asr_splits(source: Source, spec: DataSpec, seed: int) -> Chosen:
         check_column_types(ds, where, spec)
         splits[split] = _undecoded_and_cut(ds, split == choice.train, spec, (audio,))
     notes = [f"dataset '{source.name}' ({source.kind}): " + _describe(splits, spec), *choice.notes]
-    checked = {
-        f"dataset '{source.name}', split '{n}'": (
-            _undecoded_and_cut(source.split(n), n == choice.train, spec, (audio,)),
-            spec,
-        )
-        for n in choice.source_names
-    }
-    return Chosen(splits, spec, notes, checked)
+    return Chosen(splits, spec, notes, _whole_splits(source, choice, spec, (audio,)))
 
 
 def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_as: str) -> Chosen:
@@ -130,14 +123,7 @@ def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_
         *choice.notes,
     ]
     audio = (spec.question_audio_column, spec.answer_audio_column)
-    checked = {
-        f"dataset '{source.name}', split '{n}'": (
-            _undecoded_and_cut(source.split(n), n == choice.train, spec, audio),
-            spec,
-        )
-        for n in choice.source_names
-    }
-    return Chosen(splits, spec, notes, checked)
+    return Chosen(splits, spec, notes, _whole_splits(source, choice, spec, audio))
 
 
 def has_answer_speech(ds: datasets.Dataset, spec: DataSpec) -> bool:

@@ -50,20 +50,16 @@ class EncodeInStep(torch.utils.data.Dataset):
             seconds = np.asarray(ds["seconds"], dtype=np.float64)
         else:
             seconds = np.array([len(t or "") * SECONDS_PER_CHAR for t in texts])
-        self.samples = (seconds * self.sampling_rate).astype(np.int64)
+        samples = (seconds * self.sampling_rate).astype(np.int64)
+        # encoder frames per row, as the cached path would record them (the sampler groups by these)
+        self.n_frames = np.array([n_encoder_frames(int(n), self.sampling_rate, n_mel_frames // 2) for n in samples])
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def lengths(self, frame_stack: int) -> np.ndarray:
-        """Approximate positions per row, for the length-grouped sampler."""
-        max_frames = self.n_mel_frames // 2
-        frames = [n_encoder_frames(int(s), self.sampling_rate, max_frames) for s in self.samples]
-        return np.array([n_adapter_frames(f, frame_stack) for f in frames]) + self.text_tokens
-
-    @property
-    def n_frames(self) -> np.ndarray:
-        return np.array([n_encoder_frames(int(s), self.sampling_rate, self.n_mel_frames // 2) for s in self.samples])
+        """Approximate positions per row (speech + transcript), for a task mixture's grouping."""
+        return np.array([n_adapter_frames(int(f), frame_stack) for f in self.n_frames]) + self.text_tokens
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.ds[int(i)]

@@ -162,8 +162,7 @@ def file_manifest(folder: Path) -> dict[str, list]:
     """Relative path -> [size in bytes, sha256] of every file under folder."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        with path.open("rb") as f:
-            out[str(path.relative_to(folder))] = [path.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+        out[str(path.relative_to(folder))] = [path.stat().st_size, _sha256(path)]
     return out
 
 
@@ -180,10 +179,14 @@ def verify_files(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is {path.stat().st_size:,} bytes, {size:,} were written"
-        with path.open("rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                return f"{name} does not match its checksum"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
     return None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def folder_bytes(folder: Path) -> int:
