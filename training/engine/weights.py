@@ -8,6 +8,7 @@ from pathlib import Path
 
 from training.common import build_once
 from training.engine.context import RunContext, StageOrderError
+from training.engine.rank_zero import rank_zero_first
 from training.model import OmniModel, build_model, is_omni_export, load_omni, save_omni
 from training.model.export import LIT_CONFIG, LIT_WEIGHTS, import_mini_omni
 from training.model.litgpt import ExportError
@@ -53,15 +54,17 @@ def imported_mini_omni(ctx: RunContext, folder: Path) -> Path:
         stat = (folder / name).stat()
         key.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     target = ctx.cache_dir / "imports" / f"mini-omni-{key.hexdigest()[:12]}"
-    if is_omni_export(target):
-        return target
-    ctx.log(f"--init-from {folder}: a Mini-Omni checkpoint; importing it into {target}")
-    try:
-        model, tokenizer, feature_extractor = import_mini_omni(folder, ctx.recipe.encoder)
-    except ExportError as err:
-        raise StageOrderError(f"--init-from {folder}: {err}") from err
-    with build_once(target, ctx.log, "import") as tmp:
-        save_omni(model, tmp, tokenizer, feature_extractor)
+    # rank 0 converts; the others then find the export (a single-rank phase: engine/rank_zero.py)
+    with rank_zero_first(ctx.accelerator, "importing the --init-from checkpoint"):
+        if is_omni_export(target):
+            return target
+        ctx.log(f"--init-from {folder}: a Mini-Omni checkpoint; importing it into {target}")
+        try:
+            model, tokenizer, feature_extractor = import_mini_omni(folder, ctx.recipe.encoder)
+        except ExportError as err:
+            raise StageOrderError(f"--init-from {folder}: {err}") from err
+        with build_once(target, ctx.log, "import") as tmp:
+            save_omni(model, tmp, tokenizer, feature_extractor)
     return target
 
 
