@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import save_tiny_checkpoints
+from tests.helpers import STEPS, run_profile, save_tiny_checkpoints
 
 CACHE = Path(os.environ.get("OMNI_STAGE_TEST_CACHE", Path.home() / ".cache" / "omni-stage-tests"))
 
@@ -75,3 +75,19 @@ def quick_recipe(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("recipe") / "quick.json"
     path.write_text(json.dumps(QUICK))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def distributed_recipe(tmp_path_factory, quick_recipe) -> str:
+    """The quick recipe saving every 5 steps, for the process-launching tests."""
+    raw = json.loads(Path(quick_recipe).read_text())
+    raw.update(name="demo-distributed", save_every=5)
+    path = tmp_path_factory.mktemp("distributed") / "recipe.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def single_process_run(distributed_recipe, cache_dir, tmp_path_factory) -> dict:
+    """The reference: STEPS asr steps on one process (accelerate_configs/cpu.yaml)."""
+    return run_profile("cpu.yaml", distributed_recipe, cache_dir, tmp_path_factory.mktemp("single"), STEPS)

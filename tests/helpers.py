@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -166,3 +167,47 @@ def kill_launched(mark: str) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(victims, timeout=30)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 10  # the distributed and elastic tests' asr stage length
+
+
+def profile_command(
+    profile: str, recipe: str, cache_dir: Path, out: Path, steps: int, processes: int | None = None
+) -> list[str]:
+    """`accelerate launch` of an asr run under accelerate_configs/<profile> (with its process count,
+    or `processes`)."""
+    count = ["--num_processes", str(processes)] if processes else []
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / profile),
+        *count,
+        str(ROOT / "training" / "run.py"),
+        *asr_run_args(recipe, cache_dir, out, steps),
+    ]
+
+
+def run_profile(
+    profile: str, recipe: str, cache_dir: Path, out: Path, steps: int, processes: int | None = None
+) -> dict:
+    """A finished asr run: its per-step losses, record, output and folder."""
+    with launched(profile_command(profile, recipe, cache_dir, out, steps, processes), cwd=ROOT) as proc:
+        output, _ = proc.communicate(timeout=900)  # stopped whole on any exit
+    record = json.loads((out / "run_record.json").read_text()) if (out / "run_record.json").exists() else {}
+    done = record.get("stages", {}).get("asr", {}).get("complete")
+    # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run: the run
+    # is judged by its record and final log line then.
+    assert done and (proc.returncode == 0 or "[asr] done:" in output), output[-4000:]
+    return {"losses": asr_losses(out), "record": record["stages"]["asr"], "output": output, "dir": out}
+
+
+def assert_same_losses(losses: list[float], reference: list[float], steps: int, tolerance: float) -> float:
+    assert len(losses) == len(reference) == steps
+    worst = max(abs(a - b) for a, b in zip(losses, reference))
+    print(f"largest per-step loss difference: {worst:.2e}")
+    assert worst < tolerance, (losses, reference)
+    return worst

@@ -10,15 +10,13 @@ is two orders above the ~1e-6 seen and far below the loss change per step (~0.1-
 
 import json
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from tests.helpers import asr_losses, asr_run_args, launched, launched_processes
+from tests.helpers import ROOT, STEPS, assert_same_losses, launched, launched_processes, profile_command, run_profile
 from training.data import batching as data_lib
 from training.engine.checkpoints import StageCheckpoints
 from training.engine.context import RunContext
@@ -28,64 +26,31 @@ from training.evaluation.scores import evaluate_wer, heldout_loss
 from training.model import build_model, load_omni, row_tables
 from training.recipe_file import load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
-STEPS = 10
 TOLERANCE = 1e-4
 
 
-def _command(profile: str, recipe: str, cache_dir: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / profile),
-        str(ROOT / "training" / "run.py"),
-        *asr_run_args(recipe, cache_dir, out, STEPS),
-    ]
-
-
-def _run(profile: str, recipe: str, cache_dir: Path, out: Path) -> dict:
-    with launched(_command(profile, recipe, cache_dir, out), cwd=ROOT) as proc:  # stopped whole on any exit
-        output, _ = proc.communicate(timeout=900)
-    record = json.loads((out / "run_record.json").read_text()) if (out / "run_record.json").exists() else {}
-    done = record.get("stages", {}).get("asr", {}).get("complete")
-    # DeepSpeed over gloo on CPU can rarely abort while tearing down after a finished run: the run
-    # is judged by its record and final log line then.
-    assert done and (proc.returncode == 0 or "[asr] done:" in output), output[-4000:]
-    return {"losses": asr_losses(out), "record": record["stages"]["asr"], "output": output, "dir": out}
+@pytest.fixture(scope="module")
+def recipe(distributed_recipe) -> str:
+    return distributed_recipe
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, quick_recipe) -> str:
-    raw = json.loads(Path(quick_recipe).read_text())
-    raw.update(name="demo-distributed", save_every=5)
-    path = tmp_path_factory.mktemp("distributed") / "recipe.json"
-    path.write_text(json.dumps(raw))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def single(recipe, cache_dir, tmp_path_factory) -> dict:
-    return _run("cpu.yaml", recipe, cache_dir, tmp_path_factory.mktemp("single"))
+def single(single_process_run) -> dict:
+    return single_process_run
 
 
 @pytest.fixture(scope="module")
 def zero3(recipe, cache_dir, tmp_path_factory) -> dict:
-    return _run("cpu_zero3.yaml", recipe, cache_dir, tmp_path_factory.mktemp("zero3"))
+    return run_profile("cpu_zero3.yaml", recipe, cache_dir, tmp_path_factory.mktemp("zero3"), STEPS)
 
 
 def _assert_same_losses(run: dict, reference: dict) -> float:
-    assert len(run["losses"]) == len(reference["losses"]) == STEPS
-    worst = max(abs(a - b) for a, b in zip(run["losses"], reference["losses"]))
-    print(f"largest per-step loss difference: {worst:.2e}")
-    assert worst < TOLERANCE, (run["losses"], reference["losses"])
-    return worst
+    return assert_same_losses(run["losses"], reference["losses"], STEPS, TOLERANCE)
 
 
 @pytest.mark.parametrize("profile", ["cpu_ddp.yaml", "cpu_zero2.yaml"])
 def test_two_processes_match_one(profile, recipe, cache_dir, tmp_path, single):
-    run = _run(profile, recipe, cache_dir, tmp_path)
+    run = run_profile(profile, recipe, cache_dir, tmp_path, STEPS)
     assert "2 processes" in run["output"]
     _assert_same_losses(run, single)
 
@@ -129,7 +94,7 @@ def test_zero3_export_reloads_in_one_process_with_same_wer_and_loss(zero3, recip
 
 
 def test_zero3_resume_after_sigkill_gives_same_losses(zero3, recipe, cache_dir, tmp_path):
-    with launched(_command("cpu_zero3.yaml", recipe, cache_dir, tmp_path), cwd=ROOT) as proc:
+    with launched(profile_command("cpu_zero3.yaml", recipe, cache_dir, tmp_path, STEPS), cwd=ROOT) as proc:
         metrics = tmp_path / "asr" / "metrics.jsonl"
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
@@ -142,6 +107,6 @@ def test_zero3_resume_after_sigkill_gives_same_losses(zero3, recipe, cache_dir, 
         proc.communicate(timeout=120)
     saved = StageCheckpoints(tmp_path / "asr", keep_last=2).latest()
     assert saved is not None and json.loads((saved / "trainer_state.json").read_text())["step"] == 5
-    resumed = _run("cpu_zero3.yaml", recipe, cache_dir, tmp_path)
+    resumed = run_profile("cpu_zero3.yaml", recipe, cache_dir, tmp_path, STEPS)
     assert f"resumed from {saved} at step 5" in resumed["output"]
     assert resumed["losses"] == pytest.approx(zero3["losses"], abs=1e-6)

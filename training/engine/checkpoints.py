@@ -5,6 +5,8 @@ Layout of a run directory:
 
     run_record.json                  per-stage results (steps, losses, WER, time)
     <stage>/checkpoints/step-000050/ accelerator.save_state + trainer_state.json
+    <stage>/checkpoints/step-000050/universal/  ZeRO state unpartitioned, made when resumed on
+                                     another number of processes (engine/elastic.py)
     <stage>/checkpoints/latest       name of the newest complete checkpoint
     <stage>/checkpoints/damaged-step-000050/   one whose files failed their check, set aside
     <stage>/final/                   the stage-final export (load_omni), never deleted
@@ -24,6 +26,7 @@ from typing import Any
 
 from training.common import LogFn, write_json_atomic, write_text_atomic
 from training.engine.context import StageOrderError
+from training.engine.elastic import check_same_engine, load_on_new_world_size, saved_world_size
 from training.stages import Recipe, StageSpec
 
 TRAINER_STATE = "trainer_state.json"
@@ -64,7 +67,8 @@ class StageCheckpoints:
             if accelerator.is_main_process:
                 # trainer_state.json goes in last: a folder without it is incomplete and ignored;
                 # it lists every file's size and checksum, which a resume verifies
-                write_json_atomic(tmp / TRAINER_STATE, {**trainer_state, "files": file_manifest(tmp)})
+                record = {**trainer_state, "num_processes": accelerator.num_processes, "files": file_manifest(tmp)}
+                write_json_atomic(tmp / TRAINER_STATE, record)
         except (OSError, RuntimeError) as err:
             if not accelerator.is_main_process or not _out_of_space(err, self.dir):
                 raise
@@ -103,11 +107,19 @@ class StageCheckpoints:
             )
         return None
 
-    def load(self, accelerator, path: Path) -> dict[str, Any]:
-        accelerator.load_state(str(path))
-        return json.loads((path / TRAINER_STATE).read_text())
+    def load(self, accelerator, path: Path, log: LogFn = print) -> dict[str, Any]:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        check_same_engine(accelerator, path)
+        saved = saved_world_size(path, state)
+        if saved == accelerator.num_processes:
+            accelerator.load_state(str(path))
+        else:
+            load_on_new_world_size(accelerator, path, saved, log)
+        return state
 
-    def resume(self, accelerator, path: Path, fingerprint: dict[str, Any], mode: str, stage: str) -> dict[str, Any]:
+    def resume(
+        self, accelerator, path: Path, fingerprint: dict[str, Any], mode: str, stage: str, log: LogFn = print
+    ) -> dict[str, Any]:
         """Load checkpoint `path` if the run may resume from it: --resume auto and the same recipe."""
         if mode == "never":
             raise StageOrderError(
@@ -119,7 +131,7 @@ class StageCheckpoints:
             raise StageOrderError(
                 f"[{stage}] refusing to resume from {path}: the recipe changed:\n  " + "\n  ".join(diffs)
             )
-        return self.load(accelerator, path)
+        return self.load(accelerator, path, log)
 
     def _warn_if_short_of_space(self, log: LogFn) -> None:
         latest = self.latest()

@@ -117,7 +117,7 @@ class StageRun:
             latest = self.checkpoints.latest()
         if latest is not None:
             mode = "auto" if given is not None else ctx.resume
-            self.state = self.checkpoints.resume(acc, latest, self.fingerprint, mode, self.stage)
+            self.state = self.checkpoints.resume(acc, latest, self.fingerprint, mode, self.stage, self.log)
             self.log(f"resumed from {latest} at step {self.state['step']}")
 
     # -- train ---------------------------------------------------------------------------------
