@@ -4,11 +4,14 @@ greedy decoding, export round trip."""
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import tiny_model
 from training.data.batching import SpeechTextCollator
+from training.engine.mfu import StepFlops
 from training.model import load_omni, model_inputs, save_omni, set_trainable
-from training.speech.layout import IGNORE, TEXT_ROW
+from training.speech.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW
+from training.stages import TASKS
 
 
 @pytest.fixture()
@@ -82,3 +85,71 @@ def test_set_trainable_freezes_encoder_always(tiny):
         assert not any(p.requires_grad for p in model.encoder.parameters())
         assert all(p.requires_grad == ("adapter" in modules) for p in model.adapter.parameters())
         assert all(p.requires_grad == ("llm" in modules) for p in model.llm.parameters())
+
+
+def _every_task_batch(model, tokenizer):
+    """One row per task (asr from a transcript row; the others from a question/answer row with
+    SNAC codes), random encoder states."""
+    rng = np.random.default_rng(1)
+    dim = model.config.adapter_in // model.config.frame_stack
+    rows = []
+    for task in TASKS:
+        n = int(rng.integers(30, 60))
+        row = {"n_frames": n, "encoder_states": rng.standard_normal((n, dim)).astype("float32"), "task": task}
+        if task == "asr":
+            row.update(text_ids=np.array(tokenizer("the cat sat").input_ids), text="the cat sat")
+        else:
+            codes = rng.integers(0, model.layout.audio_codes, size=(int(rng.integers(3, 9)), N_AUDIO_LAYERS))
+            row.update(
+                question_ids=np.array(tokenizer("where is the cat").input_ids),
+                answer_ids=np.array(tokenizer("on the mat").input_ids),
+                codes=codes.reshape(-1),
+                question="where is the cat",
+                answer="on the mat",
+            )
+        rows.append(row)
+    return SpeechTextCollator(model.layout, model.config.frame_stack)(rows)
+
+
+def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny):
+    """The loss a few positions at a time (model/loss.py) gives every task's per-row, per-stream
+    CE and accuracy, and every gradient, of the loss over all logits at once (fp32 round-off)."""
+    model, tokenizer, _ = tiny
+    set_trainable(model, ["adapter", "llm"])
+    batch = model_inputs(_every_task_batch(model, tokenizer))
+    results = {}
+    for chunk in (0, 5):  # chunks of 5 positions of an audio stream (the tiny text stream is narrower)
+        model.zero_grad()
+        model.loss_chunk_mb = chunk * 4 * model.layout.audio_size / 2**20 if chunk else 0.0
+        out = model(**batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[chunk] = (out, grads)
+    (full, full_grads), (chunked, chunked_grads) = results[0], results[5]
+    assert int(full["row_count"].sum()) > 5 * 8  # many chunks: every stream is scored somewhere
+    assert bool((full["row_count"][:, 1:] > 0).any())  # audio streams (a1a2, t1a2) are in the batch
+    for key in ("loss", "row_loss_sum", "row_count", "row_correct", "row_judged"):
+        torch.testing.assert_close(chunked[key], full[key], rtol=0, atol=1e-5)
+    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 10
+    for name, grad in full_grads.items():
+        # fp32 round-off: the chunks' weight gradients are summed in another order (~5e-6 relative seen)
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=2e-5 * float(grad.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("trainable", [["adapter"], ["adapter", "llm"]])
+def test_step_flops_match_the_counted_matmuls(tiny, trainable):
+    """engine/mfu.py's FLOPs of a step equal what torch's FLOP counter sees in a real forward and
+    backward (every row the same length, so no padding), for a frozen and a training LLM."""
+    model, tokenizer, _ = tiny
+    set_trainable(model, trainable)
+    model.llm.set_attn_implementation("eager")  # attention as matmuls the counter sees (CPU SDPA it does not)
+    batch = _every_task_batch(model, tokenizer)
+    keep = [i for i, t in enumerate(TASKS) if t in ("a1a2", "t1a2")][:1]  # one row: no padding
+    one = {k: v[keep] for k, v in model_inputs(batch).items()}
+    with FlopCounterMode(display=False) as counter:
+        model(**one)["loss"].backward()
+    labels = one["labels"][:, :, 1:]
+    stream_tokens = [float((labels[:, s] != IGNORE).sum()) for s in range(labels.shape[1])]
+    positions = float(one["attention_mask"].sum())
+    counted = StepFlops.of(model).of_step(positions, 1.0, stream_tokens, float(one["audio_mask"].sum()))
+    assert counted == pytest.approx(counter.get_total_flops(), rel=0.005)  # biases are not counted

@@ -212,6 +212,10 @@ class Recipe:
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0
+    # MB of fp32 logits the loss holds at once per stream (model/loss.py; 256 = 441 positions of
+    # the text stream at Qwen2's vocabulary); 0 = all positions at once. Changes memory only (and
+    # fp32 round-off), so a run may resume under another value
+    loss_chunk_mb: float = 256.0
     seed: int = 1234
     num_workers: int = 0
     # A collective (all-reduce, barrier) that waits longer than this ends the run with every rank's
@@ -251,6 +255,8 @@ class Recipe:
             )
         if self.nonfinite_patience < 1:
             raise RecipeError(f"recipe '{self.name}': nonfinite_patience must be >= 1")
+        if self.loss_chunk_mb < 0:
+            raise RecipeError(f"recipe '{self.name}': loss_chunk_mb must be >= 0 (0 = all positions at once)")
         if self.standin_scale not in ("full", "quick", "tiny") or self.corpus_scale not in ("full", "quick"):
             raise RecipeError(
                 f"recipe '{self.name}': standin_scale is 'full', 'quick' or 'tiny'; corpus_scale 'full' or 'quick'"

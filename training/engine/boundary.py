@@ -84,6 +84,16 @@ def export_stage(run: StageRun) -> Path:
     return final_dir
 
 
+def throughput(run) -> dict[str, float]:
+    """The stage's mean model TFLOP/s per device over its training steps, and MFU where the
+    device's peak is known (engine/mfu.py)."""
+    seconds = run.state.get("step_seconds", 0.0)
+    if not seconds:
+        return {}
+    tflops = run.state["model_flops"] / seconds / run.ctx.accelerator.num_processes / 1e12
+    return {"model_tflops_per_s": tflops, **({"mfu": tflops / run.peak_tflops} if run.peak_tflops else {})}
+
+
 def finish_stage(run: StageRun) -> dict[str, Any]:
     """Export first, then the held-out scores, the record, the report and the gate."""
     recipe, spec, state = run.ctx.recipe, run.spec, run.state
@@ -102,6 +112,7 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
         "seconds": round(run.elapsed(), 1),
         "export": str(final_dir),
         "tokens": state.get("tokens", 0),
+        **throughput(run),
         "skipped_steps": state["skipped_steps"],
         "skipped_rows": dict(run.ctx.skipped_rows),
     }

@@ -218,6 +218,7 @@ def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
     fields = recipe.to_dict()
     fields.pop("stages")
     fields.pop("dist_timeout_minutes")  # how long to wait for a hung rank changes no result
+    fields.pop("loss_chunk_mb")  # memory only (and fp32 round-off)
     fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))
     return fields
 

@@ -48,11 +48,15 @@ class StepProgress:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.acc.log({f"{self.stage}/train/{k}": v for k, v in metrics.items()}, step=step)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        shown = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+        if "mfu" in metrics:
+            shown["mfu"] = f"{metrics['mfu']:.1%}"
+        self.bar.set_postfix(shown)
         if step % self.log_every == 0 or step == self.max_steps:
             rate = len(self.window) / (time.time() - self.clock)
+            mfu = f"  MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
             self.log(
                 f"step {step:>6}/{self.max_steps}  loss {sum(self.window) / len(self.window):.4f}  "
-                f"lr {lr:.2e}  {rate:.1f} steps/s"
+                f"lr {lr:.2e}  {rate:.1f} steps/s  {metrics['model_tflops_per_s']:.3g} TFLOP/s{mfu}"
             )
             self.window, self.clock = [], time.time()

@@ -18,6 +18,7 @@ from training.engine.faults import inject_fault
 from training.engine.guards import StopSignals, early_stopping, skipped_step
 from training.engine.launch import check_launch
 from training.engine.loaders import stage_loaders
+from training.engine.mfu import StepFlops, device_peak_tflops
 from training.engine.prepare import prepared_splits
 from training.engine.progress import StepProgress
 from training.engine.rank_zero import rank_zero_first
@@ -63,6 +64,9 @@ class StageRun:
         set_seed(recipe.seed)
         model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
         set_trainable(model, spec.trainable, spec.train_text_specials)
+        model.loss_chunk_mb = recipe.loss_chunk_mb
+        self.step_flops = StepFlops.of(model)  # counted on the whole model, before ZeRO-3 shards it
+        self.peak_tflops = device_peak_tflops(acc.device)
         for module, (total, trainable) in parameter_summary(model).items():
             self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
         mixes_qa = bool(ctx.qa_splits) and any(t != "asr" and w > 0 for t, w in spec.task_mix.items())

@@ -35,10 +35,12 @@ class StepStats:
     task_tokens: torch.Tensor  # [tasks]
     real_positions: torch.Tensor  # [1] attended positions
     positions: torch.Tensor  # [1] all positions, padding included
+    rows: torch.Tensor  # [1]
+    speech_positions: torch.Tensor  # [1] positions the adapter fills
 
     @classmethod
     def zeros(cls, device: torch.device) -> StepStats:
-        sizes = (1, N_STREAMS, N_STREAMS, len(TASKS), len(TASKS), 1, 1)
+        sizes = (1, N_STREAMS, N_STREAMS, len(TASKS), len(TASKS), 1, 1, 1, 1)
         return cls(*(torch.zeros(n, device=device) for n in sizes))
 
     @classmethod
@@ -56,6 +58,8 @@ class StepStats:
             task_tokens=task_onehot.T @ row_counts.sum(-1),
             real_positions=attention.sum().float()[None],
             positions=torch.tensor([float(attention.numel())], device=row_sums.device),
+            rows=torch.tensor([float(attention.shape[0])], device=row_sums.device),
+            speech_positions=batch["audio_mask"].sum().float().to(row_sums.device)[None],
         )
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -159,10 +163,20 @@ def optimizer_step(run: StageRun) -> dict[str, float] | None:
     if stats is None:
         return None
     state["nonfinite_in_a_row"] = 0
-    metrics = stats.reduced(acc).metrics(acc.num_processes)
+    reduced = stats.reduced(acc)
+    metrics = reduced.metrics(acc.num_processes)
     if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed engine
         grad_norm = model.get_global_grad_norm()
-    metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / max(time.time() - step_clock, 1e-9)}
+    seconds = max(time.time() - step_clock, 1e-9)
+    metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds}
+    flops = run.step_flops.of_step(
+        metrics["tokens"], reduced.rows.item(), reduced.stream_tokens.tolist(), reduced.speech_positions.item()
+    )
+    metrics["model_tflops_per_s"] = flops / seconds / acc.num_processes / 1e12  # per device
+    state["model_flops"] = state.get("model_flops", 0.0) + flops  # for the stage's mean (run record)
+    state["step_seconds"] = state.get("step_seconds", 0.0) + seconds
+    if run.peak_tflops:
+        metrics["mfu"] = metrics["model_tflops_per_s"] / run.peak_tflops
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     return metrics

@@ -252,6 +252,13 @@ def _tokens_seen(entry: dict[str, Any], series: StageSeries | None) -> str:
     return f"{int(tokens):,}" if tokens is not None else "-"
 
 
+def _throughput(entry: dict[str, Any]) -> str:
+    if "model_tflops_per_s" not in entry:
+        return "-"
+    mfu = f" ({100 * entry['mfu']:.1f}%)" if "mfu" in entry else ""
+    return f"{entry['model_tflops_per_s']:.3g}{mfu}"
+
+
 def results_table(record: dict[str, Any], splits: list[str], series: list[StageSeries]) -> list[str]:
     """WER per split (%), losses, wall time, tokens and skipped steps at each boundary."""
     by_stage = {s.stage: s for s in series}
@@ -272,6 +279,7 @@ def results_table(record: dict[str, Any], splits: list[str], series: list[StageS
                 str(entry.get("steps", 0)),
                 _fmt_seconds(entry.get("seconds")),
                 _tokens_seen(entry, by_stage.get(key)),
+                _throughput(entry),
                 str(entry["skipped_steps"]) if "skipped_steps" in entry else "-",
             ]
         )
@@ -283,6 +291,7 @@ def results_table(record: dict[str, Any], splits: list[str], series: list[StageS
         "steps",
         "wall time",
         "tokens seen",
+        "TFLOP/s per device (MFU)",
         "skipped steps",
     ]
     return _table(header, rows)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from training.model.loss import chunk_positions, stream_cross_entropy
 from training.speech.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW, VocabLayout
 
 
@@ -75,6 +76,7 @@ class OmniModel(nn.Module):
         self.layout = VocabLayout(text_vocab=config.text_vocab)
         self.adapter = GatedAdapter(config.adapter_in, config.adapter_hidden, config.adapter_out)
         self.encoder.requires_grad_(False)
+        self.loss_chunk_mb = 0.0  # all at once, unless the run sets the recipe's (model/loss.py)
 
     # -- speech side -------------------------------------------------------------------------
 
@@ -145,8 +147,9 @@ class OmniModel(nn.Module):
         normalize by the token count of the whole global batch (identical losses on 1 or N
         processes) and score each evaluation row exactly once.
 
-        Logits are computed only at labelled positions: the other ~90 % of a speech batch never
-        needs the 181k-wide output projection.
+        Logits are computed only at labelled positions (the other ~90 % of a speech batch never
+        needs the 181k-wide output projection), one stream's slice of the vocabulary at a time, and
+        at most `loss_chunk_mb` of logits at a time (model/loss.py): the full logits never exist.
         """
         if encoder_states is None and input_features is not None:
             # the frozen encoder in the step (data/stream.py): log-mel in, states out, no gradients
@@ -171,9 +174,13 @@ class OmniModel(nn.Module):
         for stream, (start, end) in enumerate(self.layout.stream_slices()):
             keep = targets[:, stream] != IGNORE
             if bool(keep.any()):
-                logits = self.stream_logits(hidden[keep], start, end).float()
                 target = targets[keep, stream] - start
-                ce = F.cross_entropy(logits, target, reduction="none")
+                ce, predicted = stream_cross_entropy(
+                    lambda h, start=start, end=end: self.stream_logits(h, start, end),
+                    hidden[keep],
+                    target,
+                    chunk_positions(self.loss_chunk_mb, end - start),
+                )
                 row_sums[:, stream] = row_sums[:, stream].index_add(0, rows[keep], ce)
                 row_counts[:, stream] = row_counts[:, stream].index_add(0, rows[keep], torch.ones_like(ce))
                 judged = (
@@ -181,7 +188,7 @@ class OmniModel(nn.Module):
                     if stream != TEXT_ROW
                     else torch.ones_like(target, dtype=torch.bool)
                 )
-                hit = ((logits.detach().argmax(-1) == target) & judged).float()
+                hit = ((predicted == target) & judged).float()
                 row_correct[:, stream] = row_correct[:, stream].index_add(0, rows[keep], hit)
                 row_judged[:, stream] = row_judged[:, stream].index_add(0, rows[keep], judged.float())
         sums, counts = row_sums.sum(0), row_counts.sum(0)
