@@ -171,15 +171,19 @@ class OmniModel(nn.Module):
         # greedy accuracy, for audio streams on SNAC code positions only (not pads and eoa)
         row_correct = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
         row_judged = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
+        # A ZeRO-3-sharded output layer gathers its weight in each call of its forward, a collective:
+        # every rank must make the same calls, so each stream is projected (once, unchunked) even
+        # where this rank has no labels for it
+        sharded_head = hasattr(self.llm.lm_head.weight, "ds_id")
         for stream, (start, end) in enumerate(self.layout.stream_slices()):
             keep = targets[:, stream] != IGNORE
-            if bool(keep.any()):
+            if sharded_head or bool(keep.any()):
                 target = targets[keep, stream] - start
                 ce, predicted = stream_cross_entropy(
                     lambda h, start=start, end=end: self.stream_logits(h, start, end),
                     hidden[keep],
                     target,
-                    chunk_positions(self.loss_chunk_mb, end - start),
+                    0 if sharded_head else chunk_positions(self.loss_chunk_mb, end - start),
                 )
                 row_sums[:, stream] = row_sums[:, stream].index_add(0, rows[keep], ce)
                 row_counts[:, stream] = row_counts[:, stream].index_add(0, rows[keep], torch.ones_like(ce))
