@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from training.common import atomic_dir
 from training.engine.context import RunContext, WerGateFailed
 from training.engine.loaders import StageLoaders
+from training.engine.mfu import throughput
 from training.evaluation.report import write_report
 from training.evaluation.scores import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
 from training.model import save_omni
@@ -84,14 +85,12 @@ def export_stage(run: StageRun) -> Path:
     return final_dir
 
 
-def throughput(run) -> dict[str, float]:
-    """The stage's mean model TFLOP/s per device over its training steps, and MFU where the
-    device's peak is known (engine/mfu.py)."""
+def stage_throughput(run: StageRun) -> dict[str, float]:
+    """The stage's mean over its training steps (engine/mfu.py); nothing if it trained no step."""
     seconds = run.state.get("step_seconds", 0.0)
     if not seconds:
         return {}
-    tflops = run.state["model_flops"] / seconds / run.ctx.accelerator.num_processes / 1e12
-    return {"model_tflops_per_s": tflops, **({"mfu": tflops / run.peak_tflops} if run.peak_tflops else {})}
+    return throughput(run.state["model_flops"], seconds, run.ctx.accelerator.num_processes, run.peak_tflops)
 
 
 def finish_stage(run: StageRun) -> dict[str, Any]:
@@ -112,7 +111,7 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
         "seconds": round(run.elapsed(), 1),
         "export": str(final_dir),
         "tokens": state.get("tokens", 0),
-        **throughput(run),
+        **stage_throughput(run),
         "skipped_steps": state["skipped_steps"],
         "skipped_rows": dict(run.ctx.skipped_rows),
     }

@@ -51,6 +51,12 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def throughput(flops: float, seconds: float, processes: int, peak_tflops: float | None) -> dict[str, float]:
+    """Model TFLOP/s per device over `seconds`, and MFU where the device's peak is known."""
+    tflops = flops / seconds / processes / 1e12
+    return {"model_tflops_per_s": tflops, **({"mfu": tflops / peak_tflops} if peak_tflops else {})}
+
+
 @dataclass(frozen=True)
 class StepFlops:
     body: int  # LLM weights outside the embedding and output tables

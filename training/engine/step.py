@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from training.engine.context import NonFiniteLoss
+from training.engine.mfu import throughput
 from training.model import OmniModel, model_inputs
 from training.speech.layout import N_STREAMS
 from training.stages import TASKS, lr_at
@@ -172,11 +173,9 @@ def optimizer_step(run: StageRun) -> dict[str, float] | None:
     flops = run.step_flops.of_step(
         metrics["tokens"], reduced.rows.item(), reduced.stream_tokens.tolist(), reduced.speech_positions.item()
     )
-    metrics["model_tflops_per_s"] = flops / seconds / acc.num_processes / 1e12  # per device
+    metrics |= throughput(flops, seconds, acc.num_processes, run.peak_tflops)
     state["model_flops"] = state.get("model_flops", 0.0) + flops  # for the stage's mean (run record)
     state["step_seconds"] = state.get("step_seconds", 0.0) + seconds
-    if run.peak_tflops:
-        metrics["mfu"] = metrics["model_tflops_per_s"] / run.peak_tflops
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     return metrics

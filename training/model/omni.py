@@ -174,7 +174,7 @@ class OmniModel(nn.Module):
         # A ZeRO-3-sharded output layer gathers its weight in each call of its forward, a collective:
         # every rank must make the same calls, so each stream is projected (once, unchunked) even
         # where this rank has no labels for it
-        sharded_head = hasattr(self.llm.lm_head.weight, "ds_id")
+        sharded_head = self.head_is_sharded
         for stream, (start, end) in enumerate(self.layout.stream_slices()):
             keep = targets[:, stream] != IGNORE
             if sharded_head or bool(keep.any()):
@@ -206,12 +206,17 @@ class OmniModel(nn.Module):
             "row_judged": row_judged,
         }
 
+    @property
+    def head_is_sharded(self) -> bool:
+        """Whether ZeRO-3 partitions the output layer (its weight is whole only inside its forward)."""
+        return hasattr(self.llm.lm_head.weight, "ds_id")
+
     def stream_logits(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits over one stream's slice of the vocabulary. Multiplying by just that slice of the
         output rows is up to 28x cheaper than the full 181k-wide projection; a ZeRO-3-partitioned
         weight is only whole inside the module's own forward, so there it projects fully."""
         head = self.llm.lm_head
-        if hasattr(head.weight, "ds_id"):
+        if self.head_is_sharded:
             return head(hidden)[..., start:end]
         return F.linear(hidden, head.weight[start:end], None if head.bias is None else head.bias[start:end])
 
