@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import STEPS, run_profile, save_tiny_checkpoints
+from tests.helpers import STEPS, recipe_variant, run_profile, save_tiny_checkpoints
 
 CACHE = Path(os.environ.get("OMNI_STAGE_TEST_CACHE", Path.home() / ".cache" / "omni-stage-tests"))
 
@@ -83,11 +83,8 @@ def distributed_recipe(tmp_path_factory, quick_recipe) -> str:
     chunks of a few dozen positions (the tiny vocabulary never fills the default 256 MB), so ranks
     run different numbers of chunks: DDP and ZeRO-2 must still match one process, and ZeRO-3,
     whose sharded output layer is gathered per call, must not let the ranks' calls diverge."""
-    raw = json.loads(Path(quick_recipe).read_text())
-    raw.update(name="demo-distributed", save_every=5, loss_chunk_mb=0.05)
     path = tmp_path_factory.mktemp("distributed") / "recipe.json"
-    path.write_text(json.dumps(raw))
-    return str(path)
+    return recipe_variant(quick_recipe, path, name="demo-distributed", save_every=5, loss_chunk_mb=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,14 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10  # the distributed and elastic tests' asr stage length
 
 
+def recipe_variant(base: str, path: Path, **changes: Any) -> str:
+    """Recipe file `base` with `changes` to its top-level fields, written to `path`."""
+    raw = json.loads(Path(base).read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
 def profile_command(
     profile: str, recipe: str, cache_dir: Path, out: Path, steps: int, processes: int | None = None
 ) -> list[str]:

@@ -14,7 +14,16 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, STEPS, asr_run_args, assert_same_losses, launched, profile_command, run_profile
+from tests.helpers import (
+    ROOT,
+    STEPS,
+    asr_run_args,
+    assert_same_losses,
+    launched,
+    profile_command,
+    recipe_variant,
+    run_profile,
+)
 from training.engine.elastic import UNIVERSAL
 
 TOLERANCE = 1e-4
@@ -22,11 +31,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def recipe(distributed_recipe, tmp_path_factory) -> str:
-    raw = json.loads(open(distributed_recipe).read())
-    raw.update(save_every=3)
-    path = tmp_path_factory.mktemp("elastic") / "recipe.json"
-    path.write_text(json.dumps(raw))
-    return str(path)
+    return recipe_variant(distributed_recipe, tmp_path_factory.mktemp("elastic") / "recipe.json", save_every=3)
 
 
 def _crash_after(step: int, profile: str, processes: int, recipe: str, cache_dir, out) -> str:

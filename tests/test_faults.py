@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.helpers import asr_losses, launched, launched_processes
+from tests.helpers import asr_losses, launched, launched_processes, recipe_variant
 from training.engine.faults import CRASH_EXIT_CODE
 from training.run import main
 
@@ -54,11 +54,9 @@ def _timed_output(proc: subprocess.Popen, timeout: float) -> list[tuple[float, s
 def test_a_launch_on_an_empty_cache_completes(profile, tmp_path, quick_recipe):
     """Corpus synthesis and stand-in training (rank 0 alone, the other rank waiting) on a fresh
     machine, then a few steps: under ZeRO-3 this once deadlocked in the stand-ins' generate."""
-    raw = json.loads(Path(quick_recipe).read_text())
-    raw.update(name="cold", standin_scale="tiny", data={"qa_dataset": "none"})
-    recipe = tmp_path / "cold.json"
-    recipe.write_text(json.dumps(raw))
-    args = ["--stage", "asr", "--recipe", str(recipe), "--max-steps", "3", "--report-to", "none"]
+    cold = {"name": "cold", "standin_scale": "tiny", "data": {"qa_dataset": "none"}}
+    recipe = recipe_variant(quick_recipe, tmp_path / "cold.json", **cold)
+    args = ["--stage", "asr", "--recipe", recipe, "--max-steps", "3", "--report-to", "none"]
     args += ["--cache-dir", str(tmp_path / "empty-cache"), "--output-dir", str(tmp_path / "out")]
     with launched(_accelerate(profile, *args), cwd=ROOT) as proc:
         output = "".join(line for _, line in _timed_output(proc, timeout=900))

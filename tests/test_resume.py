@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import asr_losses, asr_run_args, launched
+from tests.helpers import asr_losses, asr_run_args, launched, recipe_variant
 from training.common import atomic_dir
 from training.engine.checkpoints import StageCheckpoints
 from training.engine.context import REQUEUE_EXIT_CODE
@@ -39,11 +39,8 @@ def _run_until(cmd: list[str], out: Path, step: int, sig: int) -> subprocess.Pop
 
 @pytest.fixture(scope="module")
 def resume_recipe(tmp_path_factory, quick_recipe) -> str:
-    raw = json.loads(Path(quick_recipe).read_text())
-    raw.update(save_every=5, name="demo-resume")
     path = tmp_path_factory.mktemp("resume") / "resume.json"
-    path.write_text(json.dumps(raw))
-    return str(path)
+    return recipe_variant(quick_recipe, path, save_every=5, name="demo-resume")
 
 
 @pytest.fixture(scope="module")
