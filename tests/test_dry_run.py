@@ -117,13 +117,17 @@ def test_cli_exits_0_quickly_without_a_launcher():
 
 def test_feature_cache_size_and_encoder_share_for_the_recipes_hours():
     """Mini-Omni's ASR data (~8,600 h): whisper-small's 50 frames/s x 768 floats cost 553 MB per hour
-    in fp32; the encoder's forward over its 1,500-position window is 2 x 88.2 M x 1,500 FLOPs a row."""
+    in fp32, half that in bf16 (the cache's default); the encoder's forward over its 1,500-position
+    window is 2 x 88.2 M x 1,500 FLOPs a row."""
     from training.model.dry_run import format_data_cost
 
     result = dry_run(MINI_OMNI, STAGE_NAMES, gpus_per_node=8, nodes=1, speech_hours=8_600)
     lines = format_data_cost(result)
     assert lines[0].startswith("data: 8,600 h of speech (--speech-hours) = 1,548,000,000 encoder frames of 768")
-    assert "feature cache on disk: 4,755.5 GB in fp32, 2,377.7 GB in bf16 (553 MB per hour in fp32)" in lines[1]
+    assert lines[1].endswith(
+        "feature cache on disk (data.encoder_states 'cache'): 2,377.7 GB in bf16 (data.feature_cache_dtype, "
+        "the default; 276 MB per hour), 4,755.5 GB in fp32"
+    )
     encoder = 2 * WHISPER_SMALL_ENCODER * 1500
     assert f"({encoder / 1e9:,.0f} GFLOP of" in lines[2]  # 264 GFLOP a row
     shares = [int(line.split(" would be ")[1].split("%")[0]) for line in lines[2:]]

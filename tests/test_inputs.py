@@ -211,6 +211,34 @@ def test_validation_logs_resampling_and_skip_bad_rows_trains_on_the_rest(tmp_pat
     assert record["stages"]["asr"]["steps"] == 2 and record["stages"]["asr"]["skipped_rows"] == {"train": 2}
 
 
+def test_bad_row_read_in_the_step(tmp_path, tiny_checkpoints, capfd):
+    """A bad row the validation sample missed, met by a loader worker while training with the encoder
+    in the step: one line naming it (exit 2), or with --skip-bad-rows the next readable row instead."""
+    # capfd: the worker process writes to the file descriptors
+    rows = [{"speech": {"bytes": _wav(1.0 + i / 10), "path": None}, "sentence": "the cat sat"} for i in range(8)]
+    rows[3]["speech"] = {"bytes": b"garbage", "path": None}
+    path = _dataset(tmp_path, rows)
+    # validate_rows 2 checks rows 0 and 7 only; the step reads every row in two steps of 4
+    recipe = _recipe(
+        tmp_path,
+        batch_size=4,
+        num_workers=1,
+        data={"encoder_states": "step", "validate_rows": 2},
+        stages={"asr": {"max_wer": None}},
+    )
+    args = ("--dataset", path, "--audio-column", "speech", "--text-column", "sentence", "--recipe", recipe)
+    assert _run(tmp_path, tiny_checkpoints, *args) == 2
+    out = capfd.readouterr()
+    assert f"error: dataset '{path}', split 'train', row 3, column 'speech': cannot read audio" in out.out
+    assert "Traceback" not in out.out + out.err and "DataLoader worker" not in out.out + out.err
+
+    assert _run(tmp_path, tiny_checkpoints, *args, "--skip-bad-rows", "--output-dir", str(tmp_path / "out2")) == 0
+    out = capfd.readouterr().out
+    assert "skipped (--skip-bad-rows):" in out and "row 3, column 'speech'" in out
+    record = json.loads((tmp_path / "out2" / "run_record.json").read_text())
+    assert record["stages"]["asr"]["steps"] == 2
+
+
 def _qa_dataset(tmp_path, answer_snac: list[str]) -> str:
     """A user QA dataset in VoiceAssistant-400K's schema (question, question_audio, answer, answer_snac)."""
     features = datasets.Features(
@@ -279,7 +307,8 @@ def test_prepare_encodes_once_and_stages_reuse_it(tmp_path, tiny_checkpoints, ca
         "--text-column",
         "sentence",
         "--recipe",
-        _recipe(tmp_path, batch_size=4, stages={"asr": {"max_wer": None}}),
+        # a given encoder would stream the training split ("auto"); this test is about the cache
+        _recipe(tmp_path, batch_size=4, data={"encoder_states": "cache"}, stages={"asr": {"max_wer": None}}),
     ]
     code = main(
         [

@@ -1,6 +1,6 @@
-"""The encoder in the step (data/stream.py): a training split read row by row from memory-mapped
-shards, log-mel made by the loader, encoder states computed in the forward. Same batches, same
-losses as cached states; resumes exactly."""
+"""The encoder in the step (data/stream.py): training splits (ASR and spoken QA) read row by row,
+log-mel made by the loader, encoder states computed in the forward. Same batches, same losses as
+cached states; resumes exactly. And the cache itself, in bf16 by default."""
 
 from __future__ import annotations
 
@@ -24,14 +24,15 @@ def shards(tmp_path_factory, utterances):  # noqa: F811
     return root / "shards"
 
 
-def _args(tmp_path, tiny_checkpoints, shards, mode: str, out: str) -> list[str]:
-    recipe = tmp_path / f"{mode}.json"
-    fields = {"batch_size": 8, "save_every": 2, "data": {"encoder_states": mode}, "stages": {"asr": {"max_wer": None}}}
+def _args(tmp_path, tiny_checkpoints, shards, mode: str, out: str, dtype: str = "fp32") -> list[str]:
+    recipe = tmp_path / f"{mode}-{dtype}.json"
+    data = {"encoder_states": mode, "feature_cache_dtype": dtype}
+    fields = {"batch_size": 8, "save_every": 2, "data": data, "stages": {"asr": {"max_wer": None}}}
     recipe.write_text(json.dumps(fields))
     enc, llm = tiny_checkpoints
     return [
         *("--stage", "asr", "--recipe", str(recipe), "--dataset", str(shards), "--encoder", enc, "--llm", llm),
-        *("--max-steps", "6", "--output-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache")),
+        *("--max-steps", "6", "--output-dir", str(tmp_path / out), "--cache-dir", str(tmp_path / f"cache-{dtype}")),
         *("--report-to", "none"),
     ]
 
@@ -43,10 +44,8 @@ def test_encoder_in_the_step_gives_the_cached_losses(tmp_path, tiny_checkpoints,
     assert main(_args(tmp_path, tiny_checkpoints, shards, "step", "step")) == 0
     out = capsys.readouterr().out
     assert "split 'train': 42 rows read as training goes, the frozen encoder run in each step" in out
-    assert (
-        not list((tmp_path / "cache" / "features").glob("*"))
-        or len(list((tmp_path / "cache" / "features").glob("prepared-*.arrow"))) == 3
-    )  # train (cache run), heldout, dev: the step run adds no train cache
+    # train (cache run), heldout, dev: the step run adds no train cache
+    assert len(list((tmp_path / "cache-fp32" / "features").glob("prepared-*.arrow"))) == 3
     assert asr_losses(tmp_path / "step") == pytest.approx(asr_losses(tmp_path / "cache"), abs=1e-5)
 
 
@@ -96,9 +95,9 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(tmp_path, tiny_checkp
         assert len(set(both)) == len(both) == len(split) == 40
 
 
-def test_a_stage_that_mixes_qa_rows_caches_the_training_split(tmp_path, tiny_checkpoints, shards, capsys):
-    """Batches hold one kind of row: with spoken-QA rows (cached states) in the mix, the training
-    split is cached too, and the run says so."""
+def test_a_given_encoder_streams_a_stage_that_mixes_qa_rows(tmp_path, tiny_checkpoints, shards, capsys):
+    """'auto' runs the encoder in the step for a checkpoint given by path, and a stage that mixes
+    spoken-QA rows into its batches streams those too: only the evaluation splits are cached."""
     from tests.test_formats import _jsonl, _tone
 
     qa = [
@@ -111,7 +110,7 @@ def test_a_stage_that_mixes_qa_rows_caches_the_training_split(tmp_path, tiny_che
     ]
     _jsonl(tmp_path / "qa" / "qa.jsonl", qa)
     recipe = tmp_path / "mixed.json"
-    fields = {"batch_size": 8, "data": {"encoder_states": "step"}}
+    fields = {"batch_size": 8}
     fields["stages"] = {"asr": {"max_wer": None, "task_mix": {"asr": 0.5, "a1t2": 0.5}}}
     recipe.write_text(json.dumps(fields))
     enc, llm = tiny_checkpoints
@@ -119,4 +118,78 @@ def test_a_stage_that_mixes_qa_rows_caches_the_training_split(tmp_path, tiny_che
     args += ["--encoder", enc, "--llm", llm, "--max-steps", "2", "--output-dir", str(tmp_path / "o")]
     assert main([*args, "--cache-dir", str(tmp_path / "c"), "--report-to", "none"]) == 0
     out = capsys.readouterr().out
-    assert "mixes spoken-QA rows into its batches: the training split's encoder states are cached" in out
+    assert "split 'train': 61 rows read as training goes, the frozen encoder run in each step" in out
+    # 42 ASR rows + 19 QA rows (one carved out as held-out); cached: the ASR held-out and dev
+    # splits and the QA held-out split, nothing of either training split
+    assert "task mix: asr 30, a1t2 30 items per epoch" in out
+    cached = [p.name.rsplit("-", 1)[0] for p in (tmp_path / "c" / "features").glob("*.arrow")]
+    assert sorted(cached) == ["prepared", "prepared", "prepared-qa"]
+    metrics = [json.loads(line) for line in (tmp_path / "o" / "asr" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
+
+
+@pytest.fixture(scope="module")
+def qa_rows(cache_dir):
+    """Twelve rows of the embedded spoken-QA corpus (espeak-ng questions, answers as SNAC codes)."""
+    from training.demo.qa_corpus import build_qa_corpus, qa_corpus_config
+
+    return build_qa_corpus(cache_dir, qa_corpus_config("quick"))["train"].select(range(12))
+
+
+def _feature_encoder(model, tokenizer, fe, cache, dtype):
+    from training.data.features import FeatureEncoder
+
+    return FeatureEncoder(fe, tokenizer, model.encode, "tiny", model.n_mel_frames, cache, cache_dtype=dtype)
+
+
+def test_qa_rows_made_in_the_step_equal_the_cached_rows(tmp_path, tiny_checkpoints, qa_rows):
+    """For every task a QA row serves: the same layout, labels and (with the encoder run in the
+    forward) the same losses as the row's cached fp32 states; the answer_snac frame count the
+    sampler groups by is exact before any row is read."""
+    import torch
+
+    from training.data.batching import SpeechTextCollator
+    from training.data.features import prepare_qa_split
+    from training.data.stream import QAEncodeInStep
+    from training.model import build_model
+    from training.model.omni import model_inputs
+
+    model, tokenizer, fe = build_model(*tiny_checkpoints, frame_stack=2)
+    model.eval()
+    spec = DataSpec(feature_cache_dtype="fp32")
+    cached = prepare_qa_split(qa_rows, "qa", spec, _feature_encoder(model, tokenizer, fe, tmp_path, "fp32"))
+    streamed = QAEncodeInStep(qa_rows, "qa", spec, fe, tokenizer, model.n_mel_frames)
+    assert streamed.estimates["n_codes"].tolist() == list(cached["n_codes"])
+    assert min(cached["n_codes"]) > 0
+    for task in ("a1t2", "t1t2", "a1a2", "t1a2", "asr"):
+        collate = SpeechTextCollator(model.layout, 2, task)
+        a = collate([cached[i] for i in range(len(qa_rows))])
+        b = collate([streamed[i] for i in range(len(qa_rows))])
+        for key in ("input_ids", "labels", "attention_mask", "audio_mask", "encoder_lengths"):
+            assert torch.equal(a[key], b[key]), (task, key)
+        assert a["texts"] == b["texts"]
+        with torch.no_grad():
+            loss_a, loss_b = model(**model_inputs(a))["loss"], model(**model_inputs(b))["loss"]
+        assert float(loss_a) == pytest.approx(float(loss_b), abs=1e-5), task
+
+
+def test_the_feature_cache_is_bf16_by_default(tmp_path, tiny_checkpoints, qa_rows):
+    """Half the disk of fp32, and widened back to exactly the bf16 rounding of the fp32 states."""
+    import torch
+
+    from training.data.features import prepare_qa_split, widened
+    from training.model import build_model
+
+    model, tokenizer, fe = build_model(*tiny_checkpoints, frame_stack=1)
+    assert DataSpec().feature_cache_dtype == "bf16"
+    prepared, sizes = {}, {}
+    for dtype in ("fp32", "bf16"):
+        cache = tmp_path / dtype
+        encoder = _feature_encoder(model, tokenizer, fe, cache, dtype)
+        prepared[dtype] = prepare_qa_split(qa_rows, "qa", DataSpec(feature_cache_dtype=dtype), encoder)
+        sizes[dtype] = sum(p.stat().st_size for p in cache.glob("*.arrow"))
+    for full, half in zip(prepared["fp32"]["encoder_states"], prepared["bf16"]["encoder_states"]):
+        exact = torch.from_numpy(full).to(torch.bfloat16).float()
+        assert torch.equal(widened(half), exact) and widened(half).dtype == torch.float32
+    states_bytes = sum(s.size * 4 for s in prepared["fp32"]["encoder_states"])
+    assert sizes["fp32"] - sizes["bf16"] == pytest.approx(states_bytes / 2, rel=0.02)

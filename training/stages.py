@@ -184,12 +184,14 @@ class DataSpec:
     answer_snac_column: str = "answer_snac"  # "# c1 ... c7 # ..." per row, or
     answer_audio_column: str = "answer_audio"  # ... answer speech, encoded with the codec below
     codec: str | None = None  # SNAC 24 kHz checkpoint (path or hub id); None = seeded random weights
-    # The frozen encoder's states: "cache" (computed once, stored: fast steps, ~553 MB per hour of
-    # speech for whisper-small in fp32), "step" (computed in each training step from log-mel made by
-    # the loader: no cache, flat memory, the encoder's forward in every step), or "auto": "step"
-    # for a training split of at least encode_in_step_rows rows. Evaluation splits are always cached.
+    # The frozen encoder's states for the training splits: "cache" (computed once, stored: fast
+    # steps, ~276 MB per hour of speech for whisper-small in bf16), "step" (computed in each training
+    # step from log-mel made by the loader: no cache, flat memory, the encoder's forward in every
+    # step), or "auto": "step" for an encoder the user gives (--encoder, --init-from) or for at least
+    # encode_in_step_rows training rows, else "cache" (the demo). Evaluation splits are always cached.
     encoder_states: str = "auto"
     encode_in_step_rows: int = 20_000
+    feature_cache_dtype: str = "bf16"  # cached states in "bf16" (half the disk) or "fp32"
     validate_rows: int = 1_000  # rows per split checked before a stage starts (spread evenly; all if fewer)
     skip_bad_rows: bool = False  # drop (and count) rows that fail the checks instead of stopping
 
@@ -243,6 +245,8 @@ class Recipe:
             spec.validate()
         if self.data.encoder_states not in ("auto", "cache", "step"):
             raise RecipeError(f"recipe '{self.name}': data.encoder_states is 'auto', 'cache' or 'step'")
+        if self.data.feature_cache_dtype not in ("bf16", "fp32"):
+            raise RecipeError(f"recipe '{self.name}': data.feature_cache_dtype is 'bf16' or 'fp32'")
         if not self.dist_timeout_minutes > 0:
             raise RecipeError(f"recipe '{self.name}': dist_timeout_minutes must be > 0")
         if self.frame_stack < 1 or self.batch_size < 1 or self.grad_accum < 1:

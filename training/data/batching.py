@@ -6,6 +6,8 @@ Prepared rows (training/data/features.py) in; padded batches of the five tasks' 
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from training.data.checks import DataError
+from training.data.features import widened
 from training.speech.layout import (
     IGNORE,
     N_AUDIO_LAYERS,
@@ -85,7 +88,8 @@ class TaskMixture(torch.utils.data.Dataset):
         frame_stack: int,
     ) -> None:
         self.sources = {"asr": asr, "qa": qa}
-        speech_out = qa is not None and int(np.max(qa["n_codes"])) > 0
+        self.qa_lengths = _qa_lengths(qa) if qa is not None else None
+        speech_out = qa is not None and int(np.max(self.qa_lengths["n_codes"])) > 0
         usable = {
             t: w
             for t, w in task_mix.items()
@@ -119,10 +123,9 @@ class TaskMixture(torch.utils.data.Dataset):
                 [n_adapter_frames(int(n), frame_stack) + len(t) for n, t in zip(asr["n_frames"], asr["text_ids"])]
             )
         if qa is not None:
-            speech = np.array([n_adapter_frames(int(n), frame_stack) for n in qa["n_frames"]])
-            question = np.array([len(q) for q in qa["question_ids"]])
-            answer = np.array([len(a) for a in qa["answer_ids"]])
-            frames = np.asarray(qa["n_codes"]) + N_AUDIO_LAYERS + 1
+            speech = np.array([n_adapter_frames(int(n), frame_stack) for n in self.qa_lengths["n_frames"]])
+            question, answer = self.qa_lengths["question_tokens"], self.qa_lengths["answer_tokens"]
+            frames = self.qa_lengths["n_codes"] + N_AUDIO_LAYERS + 1
         out = []
         for task, is_qa, row in self.items:
             name = TASKS[task]
@@ -140,6 +143,19 @@ class TaskMixture(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         task, is_qa, row = (int(v) for v in self.items[i])
         return {**self.sources["qa" if is_qa else "asr"][row], "task": TASKS[task]}
+
+
+def _qa_lengths(qa: datasets.Dataset | torch.utils.data.Dataset) -> dict[str, np.ndarray]:
+    """QA rows' encoder frames, question and answer tokens and answer code frames: counted in the
+    cache, or estimated for rows made on demand (data/stream.py)."""
+    if hasattr(qa, "estimates"):
+        return qa.estimates
+    return {
+        "n_frames": np.asarray(qa["n_frames"]),
+        "question_tokens": np.array([len(q) for q in qa["question_ids"]]),
+        "answer_tokens": np.array([len(a) for a in qa["answer_ids"]]),
+        "n_codes": np.asarray(qa["n_codes"]),
+    }
 
 
 @dataclass
@@ -193,7 +209,7 @@ class SpeechTextCollator:
             attention[i, :t] = 1
             audio_mask[i, :t] = e.audio_mask
             if not in_step:
-                states[i, :n] = torch.from_numpy(np.asarray(r["encoder_states"], dtype=np.float32)[:n])
+                states[i, :n] = widened(r["encoder_states"][:n])
         audio = (
             {"input_features": torch.from_numpy(np.stack([r["input_features"] for r in rows]))}
             if in_step
@@ -216,6 +232,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     then shuts them down; a worker killed by the signal would make the loader raise mid-save."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _kill_loader_workers() -> None:
+    """At exit, end loader workers still alive: after an error the loader's iterator can outlive the
+    stage (held by the exception's traceback), and multiprocessing's exit would SIGTERM the workers,
+    which ignore it (above), then wait for them forever."""
+    for process in multiprocessing.active_children():
+        if process.daemon:  # the loader's workers; multiprocessing would terminate these anyway
+            process.kill()
 
 
 def train_loader(

@@ -28,6 +28,14 @@ from training.stages import DataSpec
 class DataError(ValueError):
     """Bad input data; the message names the dataset, split, row and field."""
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        # raised in a DataLoader worker, it is re-raised here with the worker's traceback in its
+        # message (torch's ExceptionWrapper); the message itself is the traceback's last line
+        if text.startswith("Caught DataError in DataLoader worker"):
+            return text.rstrip().rsplit("DataError: ", 1)[-1]
+        return text
+
 
 # An undecoded audio value as every reader stores it: the file's bytes and/or its path, plus, for a
 # segment of a longer recording, its offset and duration in seconds (speech/audio.decode_audio).

@@ -58,7 +58,8 @@ def stage_loaders(
         return loaders
     loaders.qa["answer"] = eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1t2")
     if qa_train is not None:  # the floor a model that hears nothing of the question reaches
-        commonest = collections.Counter(normalize(a) for a in qa_train["answer"]).most_common(1)[0][0]
+        answers = qa_train.answers() if hasattr(qa_train, "answers") else qa_train["answer"]  # on demand, or cached
+        commonest = collections.Counter(normalize(a) for a in answers).most_common(1)[0][0]
         loaders.majority_answer_accuracy = float(np.mean([normalize(a) == commonest for a in qa_heldout["answer"]]))
     if int(np.max(qa_heldout["n_codes"])) > 0:
         loaders.qa["speech"] = eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task="a1a2")

@@ -7,7 +7,7 @@ from typing import Any
 
 from training.data.checks import DataError, ValidationReport, asr_row_check, qa_row_check, validate_split
 from training.data.features import FeatureEncoder, prepare_qa_split, prepare_split
-from training.data.stream import EncodeInStep
+from training.data.stream import EncodeInStep, QAEncodeInStep
 from training.engine.context import RunContext
 from training.engine.rank_zero import rank_zero_first
 from training.engine.sources import audio_window, dataset_name, load_data, load_data_and_pretrained, qa_dataset_name
@@ -36,13 +36,11 @@ def validate_splits(ctx: RunContext, sr: int, window: int, max_rows: int | None)
     return reports
 
 
-def prepared_splits(
-    ctx: RunContext, model: OmniModel, feature_extractor, tokenizer, mixes_qa: bool = False
-) -> dict[str, Any]:
-    """Every split's features: ASR splits by name, QA splits as "qa:<name>"; cached, except a
-    training split whose encoder states are computed in the step (data/stream.py). A stage that
-    mixes QA rows (cached) into its batches (`mixes_qa`) caches the training split too: a batch
-    holds one kind of row."""
+def prepared_splits(ctx: RunContext, model: OmniModel, feature_extractor, tokenizer) -> dict[str, Any]:
+    """Every split's features: ASR splits by name, QA splits as "qa:<name>"; cached, except the
+    training splits (ASR and QA alike: a batch holds one kind of row) when their encoder states are
+    computed in the step (data/stream.py)."""
+    spec = ctx.recipe.data
     encoder = FeatureEncoder(
         feature_extractor,
         tokenizer,
@@ -50,42 +48,53 @@ def prepared_splits(
         encoder_key=encoder_key(model),
         n_mel_frames=model.n_mel_frames,
         cache_dir=ctx.cache_dir / "features",
+        cache_dtype=spec.feature_cache_dtype,
     )
-    spec = ctx.recipe.data
     out: dict[str, Any] = {}
-    train = ctx.splits[spec.train_split]
-    in_step = encode_in_step(spec, len(train))
-    if in_step and mixes_qa:
-        in_step = False
-        ctx.log("this stage mixes spoken-QA rows into its batches: the training split's encoder states are cached")
-    if in_step:
+    train, qa_train = ctx.splits[spec.train_split], ctx.qa_splits.get(spec.train_split)
+    rows = len(train) + (len(qa_train) if qa_train is not None else 0)
+    given = ctx.recipe.encoder is not None or ctx.init_from is not None
+    if encode_in_step(spec, rows, given):
+        n_mel = model.n_mel_frames
         where = f"dataset '{dataset_name(ctx)}', split '{spec.train_split}'"
-        out[spec.train_split] = EncodeInStep(train, where, spec, feature_extractor, tokenizer, model.n_mel_frames)
+        out[spec.train_split] = EncodeInStep(train, where, spec, feature_extractor, tokenizer, n_mel)
+        if qa_train is not None:
+            where = f"dataset '{qa_dataset_name(ctx)}', split '{spec.train_split}'"
+            out[f"qa:{spec.train_split}"] = QAEncodeInStep(qa_train, where, spec, feature_extractor, tokenizer, n_mel)
         ctx.log(
-            f"split '{spec.train_split}': {len(train):,} rows read as training goes, the frozen encoder run in "
-            "each step (no feature cache; data.encoder_states)"
+            f"split '{spec.train_split}': {rows:,} rows read as training goes, the frozen encoder run in each step "
+            f"(no feature cache; data.encoder_states '{spec.encoder_states}')"
         )
     else:
         ctx.log(
-            f"split '{spec.train_split}': {len(train):,} rows, encoder states computed once and cached "
-            f"(data.encoder_states '{spec.encoder_states}'; in the step from {spec.encode_in_step_rows:,} rows)"
+            f"split '{spec.train_split}': {rows:,} rows, encoder states computed once and cached in "
+            f"{spec.feature_cache_dtype} (data.encoder_states '{spec.encoder_states}'; 'auto' computes them in the "
+            f"step for a given --encoder or from {spec.encode_in_step_rows:,} rows)"
         )
-    jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items() if split not in out]
+    jobs = [(split, ds, dataset_name(ctx), prepare_split) for split, ds in ctx.splits.items()]
     jobs += [(f"qa:{split}", ds, qa_dataset_name(ctx), prepare_qa_split) for split, ds in ctx.qa_splits.items()]
     with rank_zero_first(ctx.accelerator, "filling the feature cache"):
         for name, ds, source, prepare in jobs:
+            if name in out:
+                continue
             split = name.removeprefix("qa:")
-            out[name] = prepare(ds, f"dataset '{source}', split '{split}'", ctx.recipe.data, encoder)
+            out[name] = prepare(ds, f"dataset '{source}', split '{split}'", spec, encoder)
             if len(out[name]) < len(ds):
                 ctx.skipped_rows[name] = len(ds) - len(out[name])
                 ctx.log(f"split '{name}': left out {ctx.skipped_rows[name]} bad rows of {len(ds):,} (--skip-bad-rows)")
     return out
 
 
-def encode_in_step(spec, train_rows: int) -> bool:
-    """Whether the training split's encoder states are computed in the step (data.encoder_states)."""
+def encode_in_step(spec, train_rows: int, given_encoder: bool) -> bool:
+    """Whether the training splits' encoder states are computed in the step (data.encoder_states):
+    "auto" does so for a checkpoint the user gives (real data: no cache to fill or store) and for
+    large sets; the demo's stand-ins on the built-in corpus are cached (three stages reuse them).
+    A small set with --skip-bad-rows is cached too: only the cache leaves bad rows out."""
     if spec.encoder_states == "auto":
-        return train_rows >= spec.encode_in_step_rows
+        # --skip-bad-rows: the cache leaves bad rows out and counts them (skipped_rows); the step can
+        # only replace each as it is met, so a small set with it is cached
+        small = train_rows < spec.encode_in_step_rows
+        return not small or (given_encoder and not spec.skip_bad_rows)
     return spec.encoder_states == "step"
 
 

@@ -69,8 +69,7 @@ class StageRun:
         self.peak_tflops = device_peak_tflops(acc.device)
         for module, (total, trainable) in parameter_summary(model).items():
             self.log(f"{module:<8} {total:>12,} params, {trainable:>12,} trainable")
-        mixes_qa = bool(ctx.qa_splits) and any(t != "asr" and w > 0 for t, w in spec.task_mix.items())
-        prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer, mixes_qa)
+        prepared = prepared_splits(ctx, model, self.feature_extractor, self.tokenizer)
         if model.config.frame_stack != recipe.frame_stack:
             k = model.config.frame_stack
             self.log(f"the model stacks {k} encoder frames per adapter input (recipe: {recipe.frame_stack}); using {k}")

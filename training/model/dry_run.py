@@ -360,8 +360,9 @@ def format_data_cost(result: DryRun) -> list[str]:
     lines = [
         f"data: {hours:,g} h of speech (--speech-hours) = {hours * frames_per_hour:,.0f} encoder frames of "
         f"{result.encoder_width} values",
-        f"  feature cache on disk: {hours * per_hour * 4 / 1e9:,.1f} GB in fp32, {hours * per_hour * 2 / 1e9:,.1f} GB "
-        f"in bf16 ({per_hour * 4 / 1e6:,.0f} MB per hour in fp32)",
+        f"  feature cache on disk (data.encoder_states 'cache'): {hours * per_hour * 2 / 1e9:,.1f} GB in bf16 "
+        f"(data.feature_cache_dtype, the default; {per_hour * 2 / 1e6:,.0f} MB per hour), "
+        f"{hours * per_hour * 4 / 1e9:,.1f} GB in fp32",
     ]
     for rep in result.stages:
         step = (4 * llm + 2 * rep.modules["llm"][2] + 6 * rep.modules["adapter"][2]) * result.seq_len
