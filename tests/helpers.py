@@ -22,11 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
 from training.model import build_model
 from training.model.untrained import save_untrained_checkpoints
+from training.speech.layout import N_AUDIO_LAYERS
+from training.stages import TASKS
 
 # The shared tiny checkpoints (conftest.py's `tiny_checkpoints`): one key/value group, untied output.
 TINY_WHISPER: dict[str, Any] = dict(
@@ -219,3 +222,27 @@ def assert_same_losses(losses: list[float], reference: list[float], steps: int, 
     print(f"largest per-step loss difference: {worst:.2e}")
     assert worst < tolerance, (losses, reference)
     return worst
+
+
+def every_task_rows(model, tokenizer, seed: int = 1) -> list[dict[str, Any]]:
+    """One row per task (asr from a transcript row; the others from a question/answer row with
+    SNAC codes), random encoder states."""
+    rng = np.random.default_rng(seed)
+    dim = model.config.adapter_in // model.config.frame_stack
+    rows = []
+    for task in TASKS:
+        n = int(rng.integers(30, 60))
+        row = {"n_frames": n, "encoder_states": rng.standard_normal((n, dim)).astype("float32"), "task": task}
+        if task == "asr":
+            row.update(text_ids=np.array(tokenizer("the cat sat").input_ids), text="the cat sat")
+        else:
+            codes = rng.integers(0, model.layout.audio_codes, size=(int(rng.integers(3, 9)), N_AUDIO_LAYERS))
+            row.update(
+                question_ids=np.array(tokenizer("where is the cat").input_ids),
+                answer_ids=np.array(tokenizer("on the mat").input_ids),
+                codes=codes.reshape(-1),
+                question="where is the cat",
+                answer="on the mat",
+            )
+        rows.append(row)
+    return rows

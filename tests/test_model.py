@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.helpers import tiny_model
+from tests.helpers import every_task_rows, tiny_model
 from training.data.batching import SpeechTextCollator
 from training.engine.mfu import StepFlops
 from training.model import load_omni, model_inputs, save_omni, set_trainable
-from training.speech.layout import IGNORE, N_AUDIO_LAYERS, TEXT_ROW
+from training.speech.layout import IGNORE, TEXT_ROW
 from training.stages import TASKS
 
 
@@ -88,27 +88,7 @@ def test_set_trainable_freezes_encoder_always(tiny):
 
 
 def _every_task_batch(model, tokenizer):
-    """One row per task (asr from a transcript row; the others from a question/answer row with
-    SNAC codes), random encoder states."""
-    rng = np.random.default_rng(1)
-    dim = model.config.adapter_in // model.config.frame_stack
-    rows = []
-    for task in TASKS:
-        n = int(rng.integers(30, 60))
-        row = {"n_frames": n, "encoder_states": rng.standard_normal((n, dim)).astype("float32"), "task": task}
-        if task == "asr":
-            row.update(text_ids=np.array(tokenizer("the cat sat").input_ids), text="the cat sat")
-        else:
-            codes = rng.integers(0, model.layout.audio_codes, size=(int(rng.integers(3, 9)), N_AUDIO_LAYERS))
-            row.update(
-                question_ids=np.array(tokenizer("where is the cat").input_ids),
-                answer_ids=np.array(tokenizer("on the mat").input_ids),
-                codes=codes.reshape(-1),
-                question="where is the cat",
-                answer="on the mat",
-            )
-        rows.append(row)
-    return SpeechTextCollator(model.layout, model.config.frame_stack)(rows)
+    return SpeechTextCollator(model.layout, model.config.frame_stack)(every_task_rows(model, tokenizer))
 
 
 def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny):

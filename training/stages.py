@@ -208,6 +208,11 @@ class Recipe:
     frame_stack: int = 1  # encoder frames stacked into one adapter input (Mini-Omni uses 1)
     adapter_hidden: int | None = None  # gated-MLP width; None = 4 x LLM hidden size
     batch_size: int = 8  # GLOBAL rows per micro-step, split across processes (same run on 1 or N)
+    # Micro-batches by positions instead (data/packing.py): up to this many per process and
+    # micro-step, rows of similar length padded, or with `packing` all in one row, attention kept
+    # within each sample. None = batch_size rows.
+    tokens_per_micro_batch: int | None = None
+    packing: bool = False
     grad_accum: int = 1
     precision: str = "auto"  # "auto": bf16 on a GPU that has it, else fp32; or "bf16" / "fp32"
     nonfinite_patience: int = 5  # a non-finite loss skips the step; this many in a row stop the run
@@ -249,6 +254,10 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}': data.feature_cache_dtype is 'bf16' or 'fp32'")
         if not self.dist_timeout_minutes > 0:
             raise RecipeError(f"recipe '{self.name}': dist_timeout_minutes must be > 0")
+        if self.packing and not self.tokens_per_micro_batch:
+            raise RecipeError(f"recipe '{self.name}': packing needs tokens_per_micro_batch (positions per row)")
+        if self.tokens_per_micro_batch is not None and self.tokens_per_micro_batch < 1:
+            raise RecipeError(f"recipe '{self.name}': tokens_per_micro_batch must be >= 1 (or null)")
         if self.frame_stack < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise RecipeError(f"recipe '{self.name}': frame_stack, batch_size, grad_accum must be >= 1")
         if (self.encoder is None) != (self.llm is None):

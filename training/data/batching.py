@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from training.data.checks import DataError
 from training.data.features import widened
+from training.data.packing import TokenBudget, TokenBudgetSampler
 from training.speech.layout import (
     IGNORE,
     N_AUDIO_LAYERS,
     SPEECH_IN_TASKS,
+    SPEECH_TASKS,
     Example,
     VocabLayout,
     n_adapter_frames,
@@ -112,6 +114,9 @@ class TaskMixture(torch.utils.data.Dataset):
             items += [(TASKS.index(task), source == "qa", int(r)) for r in rows]
         self.items = np.array(items, dtype=np.int64)
         self.lengths = self._lengths(frame_stack)
+        # the laid-out row's width: the prompt's 3 specials, and eot after a text answer (layout.py)
+        speech_out = np.isin(self.items[:, 0], [TASKS.index(t) for t in SPEECH_TASKS])
+        self.positions = self.lengths + np.where(speech_out, 3, 4)
 
     def _lengths(self, frame_stack: int) -> np.ndarray:
         """Approximate positions per item, for grouping similar lengths into a batch."""
@@ -168,6 +173,7 @@ class SpeechTextCollator:
     layout: VocabLayout
     frame_stack: int
     task: str | None = None
+    packed: bool = False  # all rows end to end in ONE row, positions restarting per sample (data/packing.py)
 
     def _example(self, row: dict) -> tuple[Example, int, str]:
         """(laid-out example, encoder frames it uses, reference answer text)."""
@@ -190,24 +196,14 @@ class SpeechTextCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         laid_out = [self._example(r) for r in rows]
-        width = max(e.input_ids.shape[1] for e, _, _ in laid_out)
         frames = max(n for _, n, _ in laid_out)
         in_step = "input_features" in rows[0]  # the encoder runs in the step (data/stream.py)
         if any(("input_features" in r) != in_step for r in rows):
             raise DataError("a batch mixes rows with cached encoder states and rows encoded in the step")
         dim = 0 if in_step else rows[0]["encoder_states"].shape[-1]
         batch = len(rows)
-        input_ids = pad_token_column(self.layout)[None, :, None].repeat(batch, 1, width)
-        labels = torch.full((batch, input_ids.shape[1], width), IGNORE, dtype=torch.long)
-        attention = torch.zeros(batch, width, dtype=torch.long)
-        audio_mask = torch.zeros(batch, width, dtype=torch.bool)
         states = torch.zeros(batch, frames, dim)
-        for i, ((e, n, _), r) in enumerate(zip(laid_out, rows)):
-            t = e.input_ids.shape[1]
-            input_ids[i, :, :t] = e.input_ids
-            labels[i, :, :t] = e.labels
-            attention[i, :t] = 1
-            audio_mask[i, :t] = e.audio_mask
+        for i, ((_, n, _), r) in enumerate(zip(laid_out, rows)):
             if not in_step:
                 states[i, :n] = widened(r["encoder_states"][:n])
         audio = (
@@ -215,15 +211,50 @@ class SpeechTextCollator:
             if in_step
             else {"encoder_states": states}
         )
+        examples = [e for e, _, _ in laid_out]
+        streams = self._packed(examples) if self.packed else self._padded(examples)
         return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention,
-            "audio_mask": audio_mask,
+            **streams,
             **audio,
             "encoder_lengths": torch.tensor([n for _, n, _ in laid_out]),
             "texts": [ref for _, _, ref in laid_out],  # reference answers (transcripts for asr), for evaluation
             "task_ids": torch.tensor([TASKS.index(self.task or r.get("task", "asr")) for r in rows]),
+        }
+
+    def _padded(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """One row per example, padded on the right to the longest."""
+        width = max(e.input_ids.shape[1] for e in examples)
+        batch = len(examples)
+        input_ids = pad_token_column(self.layout)[None, :, None].repeat(batch, 1, width)
+        labels = torch.full((batch, input_ids.shape[1], width), IGNORE, dtype=torch.long)
+        attention = torch.zeros(batch, width, dtype=torch.long)
+        audio_mask = torch.zeros(batch, width, dtype=torch.bool)
+        for i, e in enumerate(examples):
+            t = e.input_ids.shape[1]
+            input_ids[i, :, :t] = e.input_ids
+            labels[i, :, :t] = e.labels
+            attention[i, :t] = 1
+            audio_mask[i, :t] = e.audio_mask
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "audio_mask": audio_mask}
+
+    def _packed(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """The examples end to end in one row. Position ids restart at 0 for each example (attention
+        stays within it; RoPE positions are those it has alone), sample_index names the example of
+        each position (its loss is summed per example), and each example's first label is dropped:
+        alone it is never a target, packed it would be the previous example's last prediction."""
+        labels = []
+        for e in examples:
+            first_dropped = e.labels.clone()
+            first_dropped[:, 0] = IGNORE
+            labels.append(first_dropped)
+        widths = [e.input_ids.shape[1] for e in examples]
+        return {
+            "input_ids": torch.cat([e.input_ids for e in examples], dim=1)[None],
+            "labels": torch.cat(labels, dim=1)[None],
+            "attention_mask": torch.ones(1, sum(widths), dtype=torch.long),
+            "audio_mask": torch.cat([e.audio_mask for e in examples])[None],
+            "position_ids": torch.cat([torch.arange(w) for w in widths])[None],
+            "sample_index": torch.cat([torch.full((w,), i) for i, w in enumerate(widths)])[None],
         }
 
 
@@ -244,6 +275,17 @@ def _kill_loader_workers() -> None:
             process.kill()
 
 
+def item_positions(dataset: datasets.Dataset | TaskMixture, frame_stack: int) -> np.ndarray:
+    """Each training item's laid-out width (exact for cached rows; for rows made on demand the
+    transcript's tokens are estimated, data/stream.py)."""
+    if isinstance(dataset, TaskMixture):
+        return dataset.positions
+    if hasattr(dataset, "lengths"):
+        return dataset.lengths(frame_stack) + 4
+    speech = [n_adapter_frames(int(n), frame_stack) for n in dataset["n_frames"]]
+    return np.array([s + len(t) + 4 for s, t in zip(speech, dataset["text_ids"])])  # prompt specials, eot
+
+
 def train_loader(
     dataset: datasets.Dataset | TaskMixture,
     layout: VocabLayout,
@@ -251,7 +293,27 @@ def train_loader(
     batch_size: int,
     seed: int,
     num_workers: int = 0,
+    budget: TokenBudget | None = None,
 ) -> DataLoader:
+    """Batches of batch_size rows (global: Accelerate splits each across processes), or with a
+    token budget this process's micro-batches of up to budget.tokens positions (data/packing.py)."""
+    collator = SpeechTextCollator(layout, frame_stack, packed=budget is not None and budget.packed)
+    if budget is not None:
+        sampler = TokenBudgetSampler(
+            item_positions(dataset, frame_stack),
+            budget.tokens,
+            seed,
+            budget.packed,
+            budget.num_processes,
+            budget.process_index,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collator,
+            worker_init_fn=_ignore_stop_signals,
+        )
     if isinstance(dataset, TaskMixture):
         lengths = dataset.lengths
     elif hasattr(dataset, "lengths"):  # rows made on demand (data/stream.py): frames from the seconds column
@@ -265,7 +327,7 @@ def train_loader(
         sampler=sampler,
         drop_last=True,
         num_workers=num_workers,
-        collate_fn=SpeechTextCollator(layout, frame_stack),
+        collate_fn=collator,
         worker_init_fn=_ignore_stop_signals,
     )
 

@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
 from training.common import LogFn
 from training.data.batching import TaskMixture, eval_loader, train_loader
 from training.data.checks import DataError
+from training.data.packing import TokenBudget
 from training.speech.layout import N_AUDIO_LAYERS, VocabLayout
 from training.speech.text import normalize
 from training.stages import TASKS, Recipe, StageSpec
@@ -29,8 +32,15 @@ class StageLoaders:
 
 
 def stage_loaders(
-    recipe: Recipe, spec: StageSpec, prepared: dict[str, Any], layout: VocabLayout, frame_stack: int, log: LogFn
+    recipe: Recipe,
+    spec: StageSpec,
+    prepared: dict[str, Any],
+    layout: VocabLayout,
+    frame_stack: int,
+    log: LogFn,
+    processes: tuple[int, int] = (1, 0),
 ) -> StageLoaders:
+    """`processes` (number, this one's index) splits token-budget micro-batches between processes."""
     # frame_stack is the model's own (an --init-from export may stack frames unlike the recipe)
     data, k = recipe.data, frame_stack
     train_set = prepared[data.train_split]
@@ -44,12 +54,24 @@ def stage_loaders(
             + " items per epoch"
             + (f" (no data for {', '.join(train_set.dropped)})" if train_set.dropped else "")
         )
-    if len(train_set) < recipe.batch_size:  # drop_last would leave an epoch of no batches at all
+    budget = None
+    if recipe.tokens_per_micro_batch:
+        budget = TokenBudget(recipe.tokens_per_micro_batch, recipe.packing, *processes)
+        log(
+            f"micro-batches of up to {budget.tokens:,} positions per process, "
+            + ("packed into one row (attention within each sample)" if budget.packed else "rows padded to the longest")
+        )
+    elif len(train_set) < recipe.batch_size:  # drop_last would leave an epoch of no batches at all
         raise DataError(
             f"split '{data.train_split}' has {len(train_set):,} training items, fewer than one global batch "
             f"({recipe.batch_size}): add rows, or set a smaller batch_size in a recipe file"
         )
-    train_dl = train_loader(train_set, layout, k, recipe.batch_size, recipe.seed, recipe.num_workers)
+    train_dl = train_loader(train_set, layout, k, recipe.batch_size, recipe.seed, recipe.num_workers, budget)
+    if budget is not None and len(train_dl) == 0:
+        raise DataError(
+            f"split '{data.train_split}': {len(train_set):,} training items make fewer micro-batches of "
+            f"{budget.tokens:,} positions than there are processes ({budget.num_processes}): lower the budget"
+        )
     eval_names = [data.heldout_split] + ([data.dev_split] if data.dev_split else [])
     loaders = StageLoaders(
         train_dl, {s: eval_loader(prepared[s], layout, k, recipe.eval_batch_size) for s in eval_names}
@@ -69,3 +91,16 @@ def stage_loaders(
             np.mean([np.bincount(codes[:, i]).max() / len(codes) for i in range(codes.shape[1])])
         )
     return loaders
+
+
+def prepare_budget_loader(acc: Accelerator, model: Any, optimizer: Any, train_dl: DataLoader) -> tuple[Any, Any, Any]:
+    """accelerate.prepare for a token-budget stage. Its loader already yields this process's own
+    micro-batches (data/packing.py), so Accelerate only moves them to the device and must not
+    split them again; DeepSpeed, which reads a micro-batch size from the loader ("auto"), is told
+    1 row (it only books the figure: a budget's micro-batches vary in rows)."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    model, optimizer = acc.prepare(model, optimizer)
+    loader = prepare_data_loader(train_dl, acc.device, num_processes=1, process_index=0, put_on_device=True)
+    return model, optimizer, loader

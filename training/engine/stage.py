@@ -17,7 +17,7 @@ from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext, St
 from training.engine.faults import inject_fault
 from training.engine.guards import StopSignals, early_stopping, skipped_step
 from training.engine.launch import check_launch
-from training.engine.loaders import stage_loaders
+from training.engine.loaders import prepare_budget_loader, stage_loaders
 from training.engine.mfu import StepFlops, device_peak_tflops
 from training.engine.prepare import prepared_splits
 from training.engine.progress import StepProgress
@@ -73,14 +73,27 @@ class StageRun:
         if model.config.frame_stack != recipe.frame_stack:
             k = model.config.frame_stack
             self.log(f"the model stacks {k} encoder frames per adapter input (recipe: {recipe.frame_stack}); using {k}")
-        loaders = stage_loaders(recipe, spec, prepared, model.layout, model.config.frame_stack, self.log)
+        loaders = stage_loaders(
+            recipe,
+            spec,
+            prepared,
+            model.layout,
+            model.config.frame_stack,
+            self.log,
+            (acc.num_processes, acc.process_index),
+        )
         # Early stopping reads the dev split only: the held-out split stays unseen until the boundary.
         self.early_stop_split = recipe.data.dev_split
         # fused AdamW: one kernel over all tensors (5x faster than the per-tensor loop on CPU)
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0), betas=recipe.adam_betas, fused=True
         )
-        self.model, self.optimizer, self.train_dl = acc.prepare(model, optimizer, loaders.train)
+        if recipe.tokens_per_micro_batch:
+            self.model, self.optimizer, self.train_dl = prepare_budget_loader(acc, model, optimizer, loaders.train)
+        else:
+            self.model, self.optimizer, self.train_dl = acc.prepare(model, optimizer, loaders.train)
+        # the data position (batches_in_epoch) counts global micro-batches; a token-budget process reads 1/N
+        self.global_per_batch = acc.num_processes if recipe.tokens_per_micro_batch else 1
         loaders.evals = {s: acc.prepare(dl) for s, dl in loaders.evals.items()}
         loaders.qa = {s: acc.prepare(dl) for s, dl in loaders.qa.items()}
         self.evaluation = StageEvaluation(ctx, self.model, self.tokenizer, loaders, self.log)
@@ -140,7 +153,7 @@ class StageRun:
             self.train_dl.set_epoch(self.state["epoch"])
             self.batches = iter(self.train_dl)
             batch = next(self.batches)
-        self.state["batches_in_epoch"] += 1
+        self.state["batches_in_epoch"] += self.global_per_batch
         return batch
 
     def accumulate_step(self) -> StepStats | None:
@@ -170,7 +183,7 @@ class StageRun:
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.train_dl.set_epoch(state["epoch"])
-        skip = state["batches_in_epoch"]
+        skip = state["batches_in_epoch"] // self.global_per_batch
         self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
         with StopSignals() as signals, bar:
             while state["step"] < spec.max_steps:

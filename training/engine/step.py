@@ -36,7 +36,7 @@ class StepStats:
     task_tokens: torch.Tensor  # [tasks]
     real_positions: torch.Tensor  # [1] attended positions
     positions: torch.Tensor  # [1] all positions, padding included
-    rows: torch.Tensor  # [1]
+    rows: torch.Tensor  # [1] samples (a packed row holds several)
     speech_positions: torch.Tensor  # [1] positions the adapter fills
 
     @classmethod
@@ -59,7 +59,7 @@ class StepStats:
             task_tokens=task_onehot.T @ row_counts.sum(-1),
             real_positions=attention.sum().float()[None],
             positions=torch.tensor([float(attention.numel())], device=row_sums.device),
-            rows=torch.tensor([float(attention.shape[0])], device=row_sums.device),
+            rows=torch.tensor([float(row_sums.shape[0])], device=row_sums.device),
             speech_positions=batch["audio_mask"].sum().float().to(row_sums.device)[None],
         )
 

@@ -140,6 +140,8 @@ class OmniModel(nn.Module):
         encoder_states: torch.Tensor | None = None,
         encoder_lengths: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        sample_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Loss = mean over streams (that have labels) of each stream's token-mean CE.
 
@@ -150,6 +152,11 @@ class OmniModel(nn.Module):
         Logits are computed only at labelled positions (the other ~90 % of a speech batch never
         needs the 181k-wide output projection), one stream's slice of the vocabulary at a time, and
         at most `loss_chunk_mb` of logits at a time (model/loss.py): the full logits never exist.
+
+        A packed batch (data/packing.py) holds several samples per row: position_ids restart at
+        each sample (transformers then keeps attention within a sample, the attention mask left
+        out), and sample_index [B, T] names each position's sample; the per-row figures are then
+        per sample, in the order of encoder_lengths.
         """
         if encoder_states is None and input_features is not None:
             # the frozen encoder in the step (data/stream.py): log-mel in, states out, no gradients
@@ -159,18 +166,26 @@ class OmniModel(nn.Module):
                 frames = torch.arange(states.shape[1], device=states.device)[None, :, None]
                 encoder_states = states * (frames < encoder_lengths[:, None, None].to(states.device))
         x = self.embed(input_ids, audio_mask, encoder_states, encoder_lengths)
-        hidden = self.llm.model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
+        packed = position_ids is not None
+        hidden = self.llm.model(
+            inputs_embeds=x,
+            attention_mask=None if packed else attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
         targets = labels[:, :, 1:].permute(0, 2, 1)  # [B, T-1, 8]: position t predicts t+1
         scored = (targets != IGNORE).any(dim=-1)
-        rows = scored.nonzero()[:, 0]  # batch row of each scored position
+        # the row (or, packed, the sample) of each scored position
+        rows = sample_index[:, :-1][scored] if packed else scored.nonzero()[:, 0]
+        n_rows = encoder_lengths.shape[0] if packed else labels.shape[0]
         hidden = hidden[:, :-1][scored]  # [N, d]
         targets = targets[scored]  # [N, 8]
         n_streams = N_AUDIO_LAYERS + 1
-        row_sums = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
-        row_counts = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
+        row_sums = hidden.new_zeros(n_rows, n_streams, dtype=torch.float32)
+        row_counts = hidden.new_zeros(n_rows, n_streams, dtype=torch.float32)
         # greedy accuracy, for audio streams on SNAC code positions only (not pads and eoa)
-        row_correct = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
-        row_judged = hidden.new_zeros(labels.shape[0], n_streams, dtype=torch.float32)
+        row_correct = hidden.new_zeros(n_rows, n_streams, dtype=torch.float32)
+        row_judged = hidden.new_zeros(n_rows, n_streams, dtype=torch.float32)
         # A ZeRO-3-sharded output layer gathers its weight in each call of its forward, a collective:
         # every rank must make the same calls, so each stream is projected (once, unchunked) even
         # where this rank has no labels for it
@@ -229,6 +244,8 @@ MODEL_KEYS = (
     "encoder_states",
     "encoder_lengths",
     "input_features",
+    "position_ids",
+    "sample_index",
 )
 
 

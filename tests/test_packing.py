@@ -1,0 +1,168 @@
+"""Packing and token-budget micro-batches (data/packing.py): a packed row gives each sample what it
+gets alone, attention never crosses samples, and no micro-batch exceeds its budget."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import asr_losses, asr_run_args, every_task_rows, recipe_variant, run_profile, scramble, tiny_model
+from training.data.batching import SpeechTextCollator, TaskMixture, item_positions
+from training.data.packing import TokenBudgetSampler
+from training.engine.faults import InjectedFault
+from training.model import model_inputs, set_trainable
+from training.run import main
+from training.stages import TASKS
+
+PER_SAMPLE = ("row_loss_sum", "row_count", "row_correct", "row_judged")
+
+
+@pytest.fixture()
+def tiny(tiny_checkpoints):
+    model, tokenizer, _ = tiny_model(tiny_checkpoints, frame_stack=4, seed=0)
+    scramble(model)  # random grown rows: audio logits that differ between positions
+    set_trainable(model, ["adapter", "llm"])
+    return model, tokenizer
+
+
+def _rows(model, tokenizer):
+    """Every task once, then every task again with other lengths and codes (10 samples)."""
+    return every_task_rows(model, tokenizer, seed=1) + every_task_rows(model, tokenizer, seed=2)
+
+
+def test_packed_row_gives_every_sample_its_loss_alone(tiny):
+    model, tokenizer = tiny
+    rows = _rows(model, tokenizer)
+    layout, k = model.layout, model.config.frame_stack
+    packed_batch = SpeechTextCollator(layout, k, packed=True)(rows)
+    assert packed_batch["input_ids"].shape[0] == 1  # one row holds all ten samples
+    packed = model(**model_inputs(packed_batch))
+    assert packed["row_loss_sum"].shape[0] == len(rows)
+    for i, row in enumerate(rows):
+        alone = model(**model_inputs(SpeechTextCollator(layout, k)([row])))
+        for key in PER_SAMPLE:
+            torch.testing.assert_close(packed[key][i], alone[key][0], rtol=0, atol=1e-5, msg=f"{TASKS[i % 5]} {key}")
+    # the gradient of the packed loss is the gradient of the padded batch's (same global-token loss)
+    padded = model(**model_inputs(SpeechTextCollator(layout, k)(rows)))
+    torch.testing.assert_close(packed["loss"], padded["loss"], rtol=0, atol=1e-5)
+    grads = []
+    for out in (packed, padded):
+        model.zero_grad()
+        out["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_no_attention_across_packed_samples(tiny):
+    """Changing one sample (its question tokens and speech) leaves every other sample's scores
+    unchanged, and does change its own."""
+    model, tokenizer = tiny
+    rows = _rows(model, tokenizer)
+    collate = SpeechTextCollator(model.layout, model.config.frame_stack, packed=True)
+    with torch.no_grad():
+        before = model(**model_inputs(collate(rows)))
+        changed = [dict(r) for r in rows]
+        victim = TASKS.index("a1a2")  # speech in, speech and text out
+        changed[victim]["encoder_states"] = changed[victim]["encoder_states"][::-1].copy() * 3.0
+        after = model(**model_inputs(collate(changed)))
+        text_in = TASKS.index("t1t2")
+        changed[text_in] = dict(rows[text_in], question_ids=rows[text_in]["question_ids"][::-1].copy())
+        after_text = model(**model_inputs(collate(changed)))
+    others = [i for i in range(len(rows)) if i != victim]
+    for key in PER_SAMPLE:
+        torch.testing.assert_close(after[key][others], before[key][others], rtol=0, atol=1e-6)
+    assert not torch.allclose(after["row_loss_sum"][victim], before["row_loss_sum"][victim])
+    untouched = [i for i in others if i != text_in]
+    torch.testing.assert_close(
+        after_text["row_loss_sum"][untouched], after["row_loss_sum"][untouched], rtol=0, atol=1e-6
+    )
+    assert not torch.allclose(after_text["row_loss_sum"][text_in], after["row_loss_sum"][text_in])
+
+
+def _librispeech_like(n: int, seed: int = 0) -> np.ndarray:
+    """Positions of n ASR rows of 1-30 s (log-normal around 12 s, as LibriSpeech's clips): 50 encoder
+    frames per second stacked by 4, plus ~3 tokens per second of transcript and the prompt's 4."""
+    seconds = np.clip(np.random.default_rng(seed).lognormal(np.log(12.0), 0.5, n), 1.0, 30.0)
+    return (np.ceil(seconds * 50 / 4) + seconds * 3 + 4).astype(np.int64)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_token_budget_micro_batches_never_exceed_the_budget(packed):
+    lengths = _librispeech_like(3_000)
+    budget = 4_096
+    for epoch in (0, 1):
+        seen, n_batches = [], 0
+        for rank in (0, 1):
+            sampler = TokenBudgetSampler(lengths, budget, seed=7, packed=packed, num_processes=2, process_index=rank)
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler) > 0
+            n_batches += len(batches)
+            for batch in batches:
+                cost = lengths[batch].sum() if packed else len(batch) * lengths[batch].max()
+                assert cost <= budget
+            seen += [i for b in batches for i in b]
+        assert len(seen) == len(set(seen))  # no item twice in an epoch, across both processes
+        # every item but those of the last micro-batches (trimmed to a multiple of 2 processes)
+        assert len(seen) > len(lengths) - 2 * budget / lengths.min()
+        if packed:  # best fit from a bounded buffer leaves little of the budget unused
+            assert lengths[seen].sum() / (budget * n_batches) > 0.97
+
+
+def test_too_long_item_is_named():
+    with pytest.raises(ValueError, match="training item 2 has 900 positions, more than data.tokens_per_micro_batch"):
+        TokenBudgetSampler([10, 20, 900], 512, seed=0, packed=True)
+
+
+def test_item_positions_are_the_collated_widths(tiny):
+    """The widths the budget is planned with are the widths the collator lays out, for every task."""
+    model, tokenizer = tiny
+    rows = _rows(model, tokenizer)
+    asr = datasets.Dataset.from_list(
+        [{k: r[k] for k in ("n_frames", "encoder_states", "text_ids", "text")} for r in rows if r["task"] == "asr"]
+    )
+    qa_keys = ("n_frames", "encoder_states", "question_ids", "answer_ids", "codes", "question", "answer")
+    qa_rows = [{k: r[k] for k in qa_keys} | {"n_codes": len(r["codes"]) // 7} for r in rows if r["task"] != "asr"]
+    qa = datasets.Dataset.from_list(qa_rows).with_format("numpy")
+    mixture = TaskMixture(asr.with_format("numpy"), qa, {t: 1.0 for t in TASKS}, seed=0, frame_stack=4)
+    positions = item_positions(mixture, 4)
+    collate = SpeechTextCollator(model.layout, 4)
+    widths = [collate([mixture[i]])["input_ids"].shape[-1] for i in range(len(mixture))]
+    assert positions.tolist() == widths
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_token_budget_stage_trains_and_resumes_exactly(tmp_path, quick_recipe, cache_dir, monkeypatch, capsys, packing):
+    recipe = recipe_variant(
+        quick_recipe, tmp_path / "budget.json", tokens_per_micro_batch=1024, packing=packing, save_every=4
+    )
+    assert main(asr_run_args(recipe, cache_dir, tmp_path / "straight", 10)) == 0
+    how = "packed into one row" if packing else "rows padded to the longest"
+    assert f"micro-batches of up to 1,024 positions per process, {how}" in capsys.readouterr().out
+    straight = asr_losses(tmp_path / "straight")
+    assert np.mean(straight[-3:]) < 0.9 * np.mean(straight[:3])  # 6.4 -> 5.5 seen (warm-up, 10 steps)
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "asr" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["tokens"] <= 1024 for m in metrics)  # one process, grad_accum 1: one micro-batch per step
+    if packing:
+        assert all(m["padding"] == 0 for m in metrics)
+    monkeypatch.setenv("OMNI_STAGE_FAULT", "crash@0:6")  # after step 6; step 4 was checkpointed
+    with pytest.raises(InjectedFault):
+        main(asr_run_args(recipe, cache_dir, tmp_path / "resumed", 10))
+    monkeypatch.delenv("OMNI_STAGE_FAULT")
+    assert main(asr_run_args(recipe, cache_dir, tmp_path / "resumed", 10)) == 0
+    assert asr_losses(tmp_path / "resumed") == pytest.approx(straight, abs=1e-6)
+
+
+def test_packed_stage_on_two_zero2_processes(distributed_recipe, cache_dir, tmp_path):
+    """Each process reads its own packed micro-batches (Accelerate does not split them again) and
+    DeepSpeed takes the loader without a fixed micro-batch size."""
+    recipe = recipe_variant(distributed_recipe, tmp_path / "packed.json", tokens_per_micro_batch=512, packing=True)
+    run = run_profile("cpu_zero2.yaml", recipe, cache_dir, tmp_path / "out", 6)
+    assert "micro-batches of up to 512 positions per process, packed into one row" in run["output"]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "asr" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert all(512 < m["tokens"] <= 2 * 512 for m in metrics)  # two processes' micro-batches per step
