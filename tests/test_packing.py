@@ -166,3 +166,28 @@ def test_packed_stage_on_two_zero2_processes(distributed_recipe, cache_dir, tmp_
     metrics = [json.loads(line) for line in (tmp_path / "out" / "asr" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6 and all(np.isfinite(m["loss"]) for m in metrics)
     assert all(512 < m["tokens"] <= 2 * 512 for m in metrics)  # two processes' micro-batches per step
+
+
+def test_activation_checkpointing_and_eager_attention_keep_loss_and_gradients(tiny):
+    """The recipe's attn_implementation and activation_checkpointing change memory and speed only:
+    a packed batch's loss and gradients are those of the default (SDPA, no checkpointing)."""
+    model, tokenizer = tiny
+    batch = model_inputs(
+        SpeechTextCollator(model.layout, model.config.frame_stack, packed=True)(_rows(model, tokenizer))
+    )
+    model.train()
+    results = []
+    for attention, checkpointing in (("sdpa", False), ("eager", False), ("sdpa", True)):
+        model.set_llm_options(attention, checkpointing)
+        model.zero_grad()
+        out = model(**batch)
+        out["loss"].backward()
+        results.append(
+            (out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    assert model.llm.model.gradient_checkpointing  # the last run recomputed its layers
+    (loss, grads), others = results[0], results[1:]
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss, rtol=0, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()), msg=name)

@@ -213,6 +213,8 @@ class Recipe:
     # within each sample. None = batch_size rows.
     tokens_per_micro_batch: int | None = None
     packing: bool = False
+    attn_implementation: str = "sdpa"  # or "eager", or "flash_attention_2" (needs the flash-attn package)
+    activation_checkpointing: bool = False  # recompute the LLM layers' activations in backward
     grad_accum: int = 1
     precision: str = "auto"  # "auto": bf16 on a GPU that has it, else fp32; or "bf16" / "fp32"
     nonfinite_patience: int = 5  # a non-finite loss skips the step; this many in a row stop the run
@@ -254,6 +256,11 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}': data.feature_cache_dtype is 'bf16' or 'fp32'")
         if not self.dist_timeout_minutes > 0:
             raise RecipeError(f"recipe '{self.name}': dist_timeout_minutes must be > 0")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise RecipeError(
+                f"recipe '{self.name}': attn_implementation is 'sdpa', 'eager' or 'flash_attention_2', "
+                f"got {self.attn_implementation!r}"
+            )
         if self.packing and not self.tokens_per_micro_batch:
             raise RecipeError(f"recipe '{self.name}': packing needs tokens_per_micro_batch (positions per row)")
         if self.tokens_per_micro_batch is not None and self.tokens_per_micro_batch < 1:

@@ -219,6 +219,8 @@ def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
     fields.pop("stages")
     fields.pop("dist_timeout_minutes")  # how long to wait for a hung rank changes no result
     fields.pop("loss_chunk_mb")  # memory only (and fp32 round-off)
+    fields.pop("attn_implementation")  # the same attention by another kernel (round-off)
+    fields.pop("activation_checkpointing")  # memory and time only
     fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))
     return fields
 

@@ -25,7 +25,7 @@ from training.engine.rank_zero import rank_zero_first
 from training.engine.step import StepStats, forward_backward, optimizer_step
 from training.engine.weights import PRETRAINED, initial_weights, make_model
 from training.model import is_omni_export, optimizer_groups, parameter_summary, set_trainable
-from training.stages import lr_at
+from training.stages import RecipeError, lr_at
 
 
 class StageRun:
@@ -65,6 +65,10 @@ class StageRun:
         model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
         set_trainable(model, spec.trainable, spec.train_text_specials)
         model.loss_chunk_mb = recipe.loss_chunk_mb
+        try:
+            model.set_llm_options(recipe.attn_implementation, recipe.activation_checkpointing)
+        except (ImportError, ValueError) as err:  # flash attention asked for, not installed or not supported
+            raise RecipeError(f"attn_implementation '{recipe.attn_implementation}': {err}") from None
         self.step_flops = StepFlops.of(model)  # counted on the whole model, before ZeRO-3 shards it
         self.peak_tflops = device_peak_tflops(acc.device)
         for module, (total, trainable) in parameter_summary(model).items():

@@ -221,6 +221,14 @@ class OmniModel(nn.Module):
             "row_judged": row_judged,
         }
 
+    def set_llm_options(self, attn_implementation: str, activation_checkpointing: bool) -> None:
+        """The LLM's attention kernel ("sdpa", "eager", or "flash_attention_2" where the flash-attn
+        package is installed: variable-length attention over packed rows) and activation
+        checkpointing of its decoder layers (recomputed in backward: less memory, ~1/3 more compute)."""
+        self.llm.set_attn_implementation(attn_implementation)
+        if activation_checkpointing:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def head_is_sharded(self) -> bool:
         """Whether ZeRO-3 partitions the output layer (its weight is whole only inside its forward)."""
