@@ -3,7 +3,13 @@
 Builds whisper-small's encoder and Qwen2-0.5B from their published configs (random weights: no
 download), grows the vocabulary to 181,120 rows, and runs real optimizer steps of a stage through
 Accelerate (+ DeepSpeed when launched with a DeepSpeed config) on synthetic encoder states of a
-given length. Prints steps/s, tokens/s (all 8-stream positions) and peak accelerator memory.
+given length. Prints steps/s, tokens/s (all 8-stream positions), model TFLOP/s and MFU
+(engine/mfu.py: the same count the training log uses) and peak accelerator memory.
+
+The recipe's speed knobs, to compare on one warm machine: `--packed` (each process's rows end to
+end in one row, as `packing: true` lays them out), `--attn {sdpa,eager,flash_attention_2}`,
+`--checkpointing` (activation checkpointing of the LLM's layers), `--loss-chunk-mb` (0 = all
+logits at once).
 
     accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero2.json \
         --num_processes 1 --mixed_precision bf16 benchmarks/stage_steps.py --stage final
@@ -28,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.data.batching import SpeechTextCollator  # noqa: E402
 from training.engine.launch import make_accelerator  # noqa: E402
+from training.engine.mfu import StepFlops, device_peak_tflops, throughput  # noqa: E402
 from training.model import build_model, model_inputs, optimizer_groups, parameter_summary, set_trainable  # noqa: E402
 from training.model.untrained import save_untrained_checkpoints  # noqa: E402
+from training.speech.layout import IGNORE  # noqa: E402
 from training.stages import MINI_OMNI, lr_at  # noqa: E402
 
 WHISPER_SMALL = dict(
@@ -81,6 +89,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path, help="append the figures here as one JSON line")
+    parser.add_argument("--packed", action="store_true", help="each process's rows packed into one row")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the LLM")
+    parser.add_argument("--loss-chunk-mb", type=float, default=MINI_OMNI.loss_chunk_mb)
     args = parser.parse_args()
 
     accelerator = make_accelerator(MINI_OMNI)
@@ -93,11 +105,15 @@ def main() -> None:
         )
         model, _, _ = build_model(*paths, frame_stack=MINI_OMNI.frame_stack)
     set_trainable(model, spec.trainable, spec.train_text_specials)
+    model.loss_chunk_mb = args.loss_chunk_mb
+    model.set_llm_options(args.attn, args.checkpointing)
+    step_flops = StepFlops.of(model)  # before ZeRO-3 shards it
     summary = parameter_summary(model)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, MINI_OMNI.weight_decay), lr=lr_at(spec, 0), betas=MINI_OMNI.adam_betas, fused=True
     )
     collate = SpeechTextCollator(model.layout, model.config.frame_stack)
+    packed_collate = SpeechTextCollator(model.layout, model.config.frame_stack, packed=True)
     frames = int(args.seconds * 1000 / 20) + 1
     rng = np.random.default_rng(0)
     dim = model.encoder.config.d_model
@@ -112,13 +128,24 @@ def main() -> None:
         for _ in range(2 * args.batch_size * accelerator.num_processes)
     ]
     # Batches are global and split across processes (as in training); DeepSpeed's "auto"
-    # micro-batch reads the dataloader's integer batch_size.
+    # micro-batch reads the dataloader's integer batch_size. Packed: each process's share of the
+    # batch in one row (its rows are all of one length, so only the layout differs).
     loader = torch.utils.data.DataLoader(
         rows, batch_size=args.batch_size * accelerator.num_processes, collate_fn=collate
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    device_batches = list(loader)
-    positions = device_batches[0]["input_ids"].shape[-1] * args.batch_size
+    if args.packed:
+        mine = rows[accelerator.process_index :: accelerator.num_processes]
+        device_batches = [
+            {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in packed_collate(part).items()}
+            for part in (mine[: args.batch_size], mine[args.batch_size : 2 * args.batch_size])
+        ]
+    else:
+        device_batches = list(loader)
+    positions = device_batches[0]["input_ids"].shape[-1] * device_batches[0]["input_ids"].shape[0]
+    labels = device_batches[0]["labels"][:, :, 1:]
+    stream_tokens = [float((labels[:, s] != IGNORE).sum()) for s in range(labels.shape[1])]
+    speech_positions = float(device_batches[0]["audio_mask"].sum())
     step_times = []
     for step in range(args.warmup + args.steps):
         if torch.cuda.is_available():
@@ -134,6 +161,8 @@ def main() -> None:
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
     seconds = float(np.median(step_times))
+    flops = step_flops.of_step(positions, args.batch_size, stream_tokens, speech_positions)
+    rates = throughput(flops, seconds, 1, device_peak_tflops(accelerator.device))  # per process
     figures = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "processes": accelerator.num_processes,
@@ -142,9 +171,15 @@ def main() -> None:
         "stage": args.stage,
         "params": {k: {"total": t, "trainable": n} for k, (t, n) in summary.items()},
         "batch_per_process": args.batch_size,
+        "packed": args.packed,
+        "attn": args.attn,
+        "checkpointing": args.checkpointing,
+        "loss_chunk_mb": args.loss_chunk_mb,
         "positions_per_sample": positions // args.batch_size,
         "step_seconds_median": seconds,
         "tokens_per_second_per_process": positions / seconds,
+        "model_tflops_per_s_per_process": rates["model_tflops_per_s"],
+        "mfu": rates.get("mfu"),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "last_loss": loss,
     }
