@@ -50,6 +50,9 @@ class StageSpec:
     eval_every: int  # held-out loss every N steps (early-stop signal)
     early_stop_patience: int  # evals without improvement before stopping (after min_steps)
     max_wer: float | None  # held-out WER gate at the stage boundary; None = no gate
+    # gate on the free-running spoken-answer accuracy (evaluation/spoken.py) of every speech-out
+    # task the stage trains; None = no gate
+    min_spoken_accuracy: float | None = None
 
     def validate(self) -> None:
         where = f"stage '{self.name}'"
@@ -78,6 +81,8 @@ class StageSpec:
             )
         if self.eval_every <= 0 or self.early_stop_patience <= 0:
             raise RecipeError(f"{where}: eval_every and early_stop_patience must be positive")
+        if self.min_spoken_accuracy is not None and not 0 <= self.min_spoken_accuracy <= 1:
+            raise RecipeError(f"{where}: min_spoken_accuracy is a fraction in [0, 1] (or null)")
 
 
 def warmup_cosine(

@@ -15,6 +15,7 @@ from training.engine.loaders import StageLoaders
 from training.engine.mfu import throughput
 from training.evaluation.report import write_report
 from training.evaluation.scores import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
+from training.evaluation.spoken import SAMPLES_KEPT, SPOKEN_FIGURES, code_judge_scores, describe_spoken, speak_heldout
 from training.model import save_omni
 from training.stages import STAGE_NAMES
 
@@ -59,6 +60,23 @@ class StageEvaluation:
             out["audio_tokens"] = audio_token_scores(self.acc, self.model, qa["speech"])
             out["audio_tokens"]["majority"] = self.loaders.majority_code_accuracy
         return out
+
+    def spoken(self) -> dict[str, Any]:
+        """Free-running speech answers of the held-out questions, judged (evaluation/spoken.py),
+        per speech-out task the stage trains; a few kept for the listening page."""
+        out = {}
+        for key, loader in self.loaders.qa.items():
+            if not key.startswith("spoken:"):
+                continue
+            task = key.removeprefix("spoken:")
+            limit = self.loaders.speech_max_new_tokens
+            answers = speak_heldout(self.acc, self.model, loader, self.tokenizer, task, limit)
+            scores = code_judge_scores(answers, self.loaders.judge, self.loaders.majority_answer_accuracy)
+            scores["max_new_tokens"] = limit
+            scores["samples"] = [vars(a) | {"judged": self.loaders.judge(a.codes)} for a in answers[:SAMPLES_KEPT]]
+            out[task] = scores
+            self.log(f"[spoken {task}] {describe_spoken(scores)}")
+        return {"spoken": out} if out else {}
 
     def before_training(self) -> dict[str, Any]:
         """The untrained pipeline's scores (the "before" row of the run record)."""
@@ -108,6 +126,7 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
         "heldout_loss": run.evaluation.heldout_loss(),
         "wer": wer,
         **run.evaluation.qa(),
+        **run.evaluation.spoken(),
         "seconds": round(run.elapsed(), 1),
         "export": str(final_dir),
         "tokens": state.get("tokens", 0),
@@ -125,6 +144,13 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
             f"{spec.max_wer:.3f}; "
             f"stopping here (the checkpoint and export in {run.dir} are kept)"
         )
+    for task, scores in result.get("spoken", {}).items():
+        if spec.min_spoken_accuracy is not None and scores["spoken_accuracy"] < spec.min_spoken_accuracy:
+            raise WerGateFailed(
+                f"[{run.stage}] {task} spoken-answer accuracy {scores['spoken_accuracy']:.3f} is below the "
+                f"stage's gate {spec.min_spoken_accuracy:.3f}; stopping here (the checkpoint and export in "
+                f"{run.dir} are kept)"
+            )
     return result
 
 
@@ -137,12 +163,16 @@ def log_boundary(run: StageRun, result: dict[str, Any]) -> None:
     if "audio_tokens" in result:
         boundary[f"{stage}/eval/audio_token_accuracy"] = result["audio_tokens"]["accuracy"]
         boundary[f"{stage}/eval/audio_token_ce"] = result["audio_tokens"]["ce"]
+    for task, scores in result.get("spoken", {}).items():
+        for name in SPOKEN_FIGURES:
+            boundary[f"{stage}/eval/{task}_{name}"] = scores[name]
     run.ctx.accelerator.log(boundary | {f"{stage}/eval/heldout_loss": result["heldout_loss"]}, step=run.state["step"])
     run.log(
         "done: "
         + ", ".join(f"{s} WER {v['wer']:.3f}" for s, v in wer.items())
         + (f", answer accuracy {result['answer']['accuracy']:.3f}" if "answer" in result else "")
         + (f", audio-token accuracy {result['audio_tokens']['accuracy']:.3f}" if "audio_tokens" in result else "")
+        + "".join(f", {t} spoken accuracy {v['spoken_accuracy']:.3f}" for t, v in result.get("spoken", {}).items())
     )
 
 

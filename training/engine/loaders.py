@@ -4,6 +4,7 @@ evaluation splits, the held-out spoken questions, and the floors their scores ar
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from training.common import LogFn
 from training.data.batching import TaskMixture, eval_loader, train_loader
 from training.data.checks import DataError
 from training.data.packing import TokenBudget
+from training.evaluation.spoken import CodeJudge
 from training.speech.layout import N_AUDIO_LAYERS, VocabLayout
 from training.speech.text import normalize
 from training.stages import TASKS, Recipe, StageSpec
@@ -29,6 +31,10 @@ class StageLoaders:
     # Floors: always giving the commonest training answer; always emitting each layer's commonest code.
     majority_answer_accuracy: float | None = None
     majority_code_accuracy: float | None = None
+    # Free-running speech answers (evaluation/spoken.py): qa["spoken:a1a2"] / qa["spoken:t1a2"] for
+    # the speech-out tasks the stage trains, the judge of their codes, and their decoding limit.
+    judge: CodeJudge | None = None
+    speech_max_new_tokens: int = 0
 
 
 def stage_loaders(
@@ -90,7 +96,27 @@ def stage_loaders(
         loaders.majority_code_accuracy = float(
             np.mean([np.bincount(codes[:, i]).max() / len(codes) for i in range(codes.shape[1])])
         )
+        spoken_tasks = [t for t in ("a1a2", "t1a2") if spec.task_mix.get(t, 0) > 0]
+        for task in spoken_tasks:
+            loaders.qa[f"spoken:{task}"] = eval_loader(qa_heldout, layout, k, recipe.eval_batch_size, task=task)
+        if spoken_tasks:
+            loaders.judge = CodeJudge.from_rows(answer_speech_rows(qa_heldout, qa_train))
+            # room for twice the longest reference answer, its delay and eoa: a model that never
+            # stops is caught at the limit (and counted), not left decoding
+            loaders.speech_max_new_tokens = max(
+                recipe.max_new_tokens, 2 * int(np.max(qa_heldout["n_codes"])) + N_AUDIO_LAYERS + 1
+            )
     return loaders
+
+
+def answer_speech_rows(heldout: Any, train: Any) -> Iterator[tuple[str, Any]]:
+    """(answer, codes) of the held-out rows, then of the cached training rows: the answers the
+    code judge chooses among (training answers included, since a model may say one of those)."""
+    yield from zip(heldout["answer"], heldout["codes"])
+    if train is None or not hasattr(train, "column_names") or "codes" not in train.column_names:
+        return  # rows made in the step hold no codes until read: the held-out answers only
+    for chunk in train.select_columns(["answer", "codes"]).iter(batch_size=1_024):
+        yield from zip(chunk["answer"], chunk["codes"])
 
 
 def prepare_budget_loader(acc: Accelerator, model: Any, optimizer: Any, train_dl: DataLoader) -> tuple[Any, Any, Any]:

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from training.model import model_inputs
-from training.model.inference import generate
+from training.model.decoding import generate
 from training.speech.layout import N_AUDIO_LAYERS
 from training.speech.snac_codes import SNAC_CODEBOOK
 from training.speech.text import normalize

@@ -1,35 +1,21 @@
-"""Inference: greedy decoding of the text stream and the 7 SNAC audio streams in parallel.
+"""Inference: answer one question (a waveform, a WAV path or text) in text and, for a1a2 / t1a2,
+in speech decoded by the SNAC codec to a 24 kHz 16-bit WAV, whole or streamed.
 
-`generate` runs the model's own step (8-stream embedding mean, Qwen2 with a KV cache) on a
-left-padded batch of prompts built by training.speech.layout, for any of the five tasks:
-
-  text out   asr, a1t2, t1t2   the text stream decodes; every audio stream is fed pad_a
-  speech out a1a2, t1a2        text and the 7 audio layers decode together
-
-Per answer step s (0-based) and batch row:
-  text    argmax over the text slice; once eot (or a stop id) is out the row's text is over and
-          pad_t is fed from then on, exactly the columns a training row holds after eot. A stop id
-          is fed as eot, since eot is what training put at the end of every answer.
-  audio i argmax over layer i's slice, but pad_a while s <= i (the delay of delay_audio) and pad_a
-          once the layer has ended. A layer ends at eoa; any other non-code id (a special that has
-          no place after the delay) ends it too, so that a weak model's stray special neither feeds
-          garbage back nor breaks the code read-out.
-A row is finished when its text is over (text-out tasks), or its text is over AND layer 6 has
-ended (speech-out tasks: layer 6's eoa is the last column of the answer block, Mini-Omni's stop).
-Decoding stops when every row is finished or after max_new_tokens steps.
-
-`speak` answers one question (a waveform, a WAV path or text) and writes the answer speech,
-decoded by the SNAC codec, to a 24 kHz 16-bit WAV. The module is also a small CLI:
+Decoding itself (greedy or sampled, batched, batch-parallel) is training.model.decoding. Streamed
+speech is decoded as frames complete, each chunk with a sliding window of SNAC frames around it
+(`StreamingDecoder`: frames of left context and a few frames of look-ahead), so the joins of the
+chunks sound as the whole decode does. The module is also a small CLI:
 
     python -m training.model.inference --model runs/demo/final/final --task a1a2 --audio q.wav --out answer.wav
+    python -m training.model.inference ... --stream --batch-parallel --temperature 0.8 --top-k 50 --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,208 +23,23 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from training.model.decoding import Generated, Sampling, build_prompts, decode_steps, generate, read_codes
 from training.speech.audio import decode_audio, resample, wav_bytes
-from training.speech.layout import (
-    N_AUDIO_LAYERS,
-    SPEECH_IN_TASKS,
-    SPEECH_TASKS,
-    TEXT_ROW,
-    VocabLayout,
-    a1a2_prompt,
-    a1t2_prompt,
-    asr_prompt,
-    n_adapter_frames,
-    n_encoder_frames,
-    pad_token_column,
-    strip_text_answer,
-    t1a2_prompt,
-    t1t2_prompt,
-    undelay_audio,
-)
+from training.speech.layout import N_AUDIO_LAYERS, SPEECH_IN_TASKS, SPEECH_TASKS, n_encoder_frames, strip_text_answer
 from training.stages import TASKS
 
-__all__ = ["Generated", "build_prompts", "encode_question", "generate", "main", "speak", "write_wav"]
-
-
-@dataclass
-class Generated:
-    """One row's answer.
-
-    text_ids: the answer's text tokens, specials dropped, cut before the first eot / stop id.
-    audio_ids: [7, T] global ids of the audio layers as generated (delay pads, codes, eoa, pads),
-        T = the steps this row took until it finished; None for text-out tasks.
-    codes: [n, 7] SNAC codes read back with undelay_audio(require_eoa=False) (the frames complete
-        on every layer); None for text-out tasks.
-    """
-
-    text_ids: list[int]
-    audio_ids: torch.Tensor | None = None
-    codes: torch.Tensor | None = None
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-
-
-def build_prompts(
-    layout: VocabLayout,
-    task: str,
-    n_audio: Sequence[int] | None = None,
-    question_ids: Sequence[Sequence[int]] | None = None,
-) -> list[torch.Tensor]:
-    """One [8, P] prompt per row: speech-in tasks from their numbers of speech positions, text-in
-    tasks from their question token ids."""
-    _check_task(task)
-    if task in SPEECH_IN_TASKS:
-        if n_audio is None:
-            raise ValueError(f"task {task!r} takes a speech question: pass encoder_states and encoder_lengths")
-        builder = {"asr": asr_prompt, "a1t2": a1t2_prompt, "a1a2": a1a2_prompt}[task]
-        return [builder(layout, int(n)) for n in n_audio]
-    if question_ids is None:
-        raise ValueError(f"task {task!r} takes a text question: pass question_ids (one list of ids per row)")
-    builder = {"t1t2": t1t2_prompt, "t1a2": t1a2_prompt}[task]
-    return [builder(layout, [int(q) for q in ids]) for ids in question_ids]
-
-
-def _read_codes(layout: VocabLayout, audio_ids: torch.Tensor) -> torch.Tensor:
-    """[7, T] generated audio ids -> codes [n, 7].
-
-    A layer that ended on a special other than eoa is read as if it had emitted eoa there (the
-    decoder treated it so); a generation shorter than the delay holds no complete frame."""
-    if audio_ids.shape[1] < N_AUDIO_LAYERS:
-        return torch.zeros((0, N_AUDIO_LAYERS), dtype=torch.long)
-    ids = audio_ids.clone()
-    for layer in range(N_AUDIO_LAYERS):
-        local = ids[layer, layer + 1 :] - layout.audio_offset(layer)
-        ends = (local >= layout.audio_codes).nonzero()
-        if len(ends):
-            ids[layer, layer + 1 + int(ends[0])] = layout.audio_id(layout.eoa, layer)
-    return undelay_audio(layout, ids, require_eoa=False)
-
-
-def _model_device(model: Any) -> torch.device:
-    return model.llm.get_input_embeddings().weight.device
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    task: str,
-    *,
-    encoder_states: torch.Tensor | None = None,
-    encoder_lengths: torch.Tensor | None = None,
-    question_ids: Sequence[Sequence[int]] | None = None,
-    max_new_tokens: int,
-    stop_ids: Sequence[int] = (),
-    all_finished: Callable[[bool], bool] | None = None,
-) -> list[Generated]:
-    """Batched greedy decoding of text (+ speech for a1a2/t1a2) with a KV cache; see the module
-    docstring for the per-step rules.
-
-    encoder_states [B, F, d] / encoder_lengths [B]: speech-in tasks (asr, a1t2, a1a2), as the
-    evaluation collator pads them. question_ids: text-in tasks (t1t2, t1a2), one id list per row.
-    all_finished(local) -> global: under ZeRO-3 every forward gathers parameters from all ranks,
-    so all ranks must take the same number of steps; the caller reduces the flag across them.
-    """
-    _check_task(task)
-    layout: VocabLayout = model.layout
-    speech_in = task in SPEECH_IN_TASKS
-    speech_out = task in SPEECH_TASKS
-    if speech_in and (encoder_states is None or encoder_lengths is None):
-        raise ValueError(f"task {task!r} takes a speech question: pass encoder_states and encoder_lengths")
-    if not speech_in and encoder_states is not None:
-        raise ValueError(f"task {task!r} takes a text question; encoder_states would be ignored")
-    n_audio = [n_adapter_frames(int(n), model.config.frame_stack) for n in encoder_lengths] if speech_in else None
-    prompts = build_prompts(layout, task, n_audio=n_audio, question_ids=question_ids)
-    batch = len(prompts)
-    if batch == 0:
-        return []
-    device = encoder_states.device if speech_in else _model_device(model)
-
-    # Left padding puts every row's last prompt column at the same index, so one step serves all.
-    width = max(p.shape[1] for p in prompts)
-    input_ids = pad_token_column(layout)[None, :, None].repeat(batch, 1, width)
-    attention = torch.zeros(batch, width, dtype=torch.long)
-    audio_mask = torch.zeros(batch, width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        offset = width - prompt.shape[1]
-        input_ids[row, :, offset:] = prompt
-        attention[row, offset:] = 1
-        if speech_in:
-            audio_mask[row, offset + 1 : offset + 1 + n_audio[row]] = True  # after input_a, as the layout puts it
-    input_ids, attention, audio_mask = input_ids.to(device), attention.to(device), audio_mask.to(device)
-    x = model.embed(input_ids, audio_mask, encoder_states if speech_in else None, encoder_lengths)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # padded rows start at position 0 like unpadded ones
-    out = model.llm.model(inputs_embeds=x, attention_mask=attention, position_ids=positions, use_cache=True)
-    cache = out.cache
-    last = out.last_hidden_state[:, -1]
-
-    filler = pad_token_column(layout).to(device)  # pad_a on every audio layer, pad_t on text
-    stops = torch.tensor([layout.eot, *[int(s) for s in stop_ids]], device=device)
-    offsets = torch.tensor([layout.audio_offset(i) for i in range(N_AUDIO_LAYERS)], device=device)
-    layer_index = torch.arange(N_AUDIO_LAYERS, device=device)
-    no_speech = torch.zeros(batch, 1, dtype=torch.bool, device=device)
-    text_over = torch.zeros(batch, dtype=torch.bool, device=device)
-    audio_over = torch.zeros(batch, N_AUDIO_LAYERS, dtype=torch.bool, device=device)
-    finished_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # step each row finished at
-    text_steps: list[torch.Tensor] = []
-    audio_steps: list[torch.Tensor] = []
-    steps = 0
-    for step in range(max_new_tokens):
-        steps = step + 1
-        if speech_out:
-            logits = model.stream_logits(last, 0, layout.total)  # one projection serves all 8 streams
-            text_logits = logits[:, : layout.text_size]
-        else:
-            logits = None
-            text_logits = model.stream_logits(last, 0, layout.text_size)  # text-out: the text slice only
-        text = text_logits.argmax(-1)
-        text = torch.where(text_over, torch.full_like(text, layout.pad_t), text)
-        ends_now = torch.isin(text, stops)
-        text_over |= ends_now
-        text_steps.append(text)
-        column = filler[None, :].repeat(batch, 1)
-        column[:, TEXT_ROW] = torch.where(ends_now, torch.full_like(text, layout.eot), text)
-        if speech_out:
-            local = logits[:, layout.text_size :].reshape(batch, N_AUDIO_LAYERS, layout.audio_size).argmax(-1)
-            forced = (step <= layer_index)[None, :] | audio_over  # delay, or the layer is done
-            local = torch.where(forced, torch.full_like(local, layout.pad_a), local)
-            audio_over |= ~forced & (local >= layout.audio_codes)  # eoa (or a stray special) ends the layer
-            audio = local + offsets[None, :]
-            audio_steps.append(audio)
-            column[:, :N_AUDIO_LAYERS] = audio
-            row_done = text_over & audio_over[:, N_AUDIO_LAYERS - 1]
-        else:
-            row_done = text_over
-        finished_at = torch.where((finished_at < 0) & row_done, torch.full_like(finished_at, step), finished_at)
-        finished = bool(row_done.all())
-        if all_finished is not None:
-            finished = all_finished(finished)
-        if finished:
-            break
-        step_x = model.embed(column[:, :, None], no_speech, None, None)  # [B, 1, d]: the training embedding
-        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model.llm.model(
-            inputs_embeds=step_x, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
-        )
-        cache = out.cache
-        last = out.last_hidden_state[:, -1]
-
-    texts = torch.stack(text_steps, dim=1).cpu() if text_steps else torch.zeros(batch, 0, dtype=torch.long)
-    audios = torch.stack(audio_steps, dim=2).cpu() if audio_steps else None  # [B, 7, steps]
-    lengths = torch.where(finished_at >= 0, finished_at + 1, torch.full_like(finished_at, steps)).cpu()
-    results = []
-    for row in range(batch):
-        text_ids = strip_text_answer(layout, texts[row].tolist(), stop_ids)
-        if audios is None:
-            results.append(Generated(text_ids=text_ids))
-            continue
-        # a row's own length: batched and one-at-a-time runs then agree column for column
-        audio_ids = audios[row, :, : int(lengths[row])].clone()
-        results.append(Generated(text_ids=text_ids, audio_ids=audio_ids, codes=_read_codes(layout, audio_ids)))
-    return results
+__all__ = [
+    "Generated",
+    "Sampling",
+    "SpeechStream",
+    "StreamingDecoder",
+    "build_prompts",
+    "encode_question",
+    "generate",
+    "main",
+    "speak",
+    "write_wav",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +92,92 @@ def write_wav(path: str | Path, samples: np.ndarray, sampling_rate: int) -> None
         sf.write(path, samples, sampling_rate, format="WAV", subtype="PCM_16")
 
 
+class StreamingDecoder:
+    """SNAC frames in, audio out as they complete: each chunk is decoded with `context` frames
+    before it and `lookahead` frames after it, and only its own samples are kept, so that a
+    chunk's edges see (nearly) what the whole decode sees there. A chunk goes out once `chunk`
+    new frames have their look-ahead; `flush` decodes the rest at the end."""
+
+    def __init__(self, codec: Any, context: int = 8, lookahead: int = 2, chunk: int = 4) -> None:
+        from training.speech.snac_codes import samples_per_frame
+
+        self.codec, self.context, self.lookahead, self.chunk = codec, context, lookahead, chunk
+        self.frame_samples = samples_per_frame()
+        self.codes = torch.zeros((0, N_AUDIO_LAYERS), dtype=torch.long)
+        self.emitted = 0  # frames whose samples have gone out
+
+    def push(self, frames: torch.Tensor) -> np.ndarray:
+        """Append frames [k, 7]; returns the samples now ready (possibly none)."""
+        self.codes = torch.cat([self.codes, frames.long().cpu()])
+        ready = len(self.codes) - self.lookahead
+        if ready - self.emitted < self.chunk:
+            return np.zeros(0, dtype=np.float32)
+        return self._decode(ready)
+
+    def flush(self) -> np.ndarray:
+        return self._decode(len(self.codes)) if len(self.codes) > self.emitted else np.zeros(0, dtype=np.float32)
+
+    def _decode(self, end: int) -> np.ndarray:
+        from training.speech.codec import decode_codes
+
+        first = max(0, self.emitted - self.context)
+        audio = decode_codes(self.codec, self.codes[first : min(len(self.codes), end + self.lookahead)])
+        out = audio[(self.emitted - first) * self.frame_samples : (end - first) * self.frame_samples]
+        self.emitted = end
+        return out
+
+
+class SpeechStream:
+    """The answer speech as it is generated: iterate for float32 chunks at 24 kHz. Once iterated
+    to the end, `text` holds the answer text, `frames` the SNAC frames spoken, and
+    `first_audio_s` the seconds from the start of decoding to the first chunk."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, steps: Iterator[Any], decoder: StreamingDecoder, stops: Sequence[int]
+    ) -> None:
+        self.model, self.tokenizer, self.steps, self.decoder, self.stops = model, tokenizer, steps, decoder, stops
+        self.text, self.frames, self.first_audio_s = "", 0, None
+        self.started = time.perf_counter()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        text_ids, columns = [], []
+        for step in self.steps:
+            text_ids.append(int(step.text[0]))
+            columns.append(step.audio[0].cpu())
+            codes = read_codes(self.model.layout, torch.stack(columns, dim=1))
+            yield from self._out(self.decoder.push(codes[len(self.decoder.codes) :]))
+            if bool(step.done[0]):  # batch-parallel: row 0 (the speech row) ends the answer
+                break
+        yield from self._out(self.decoder.flush())
+        self.text = self.tokenizer.decode(strip_text_answer(self.model.layout, text_ids, self.stops))
+        self.frames = len(self.decoder.codes)
+
+    def _out(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
+        if chunk.size:
+            if self.first_audio_s is None:
+                self.first_audio_s = time.perf_counter() - self.started
+            yield chunk
+
+
+def _question(
+    model: Any, tokenizer: Any, task: str, audio: Any, text: str | None, feature_extractor: Any
+) -> dict[str, Any]:
+    """The decoding inputs of one question: encoder states of the speech, or the text's ids."""
+    speech_in = task in SPEECH_IN_TASKS
+    if speech_in and (audio is None or text is not None):
+        raise ValueError(f"task {task!r} takes a speech question: pass audio, not text")
+    if not speech_in and (text is None or audio is not None):
+        raise ValueError(f"task {task!r} takes a text question: pass text, not audio")
+    if not speech_in:
+        return {"question_ids": [tokenizer(text, add_special_tokens=False).input_ids]}  # as prepared rows hold
+    if feature_extractor is None:
+        from transformers import WhisperFeatureExtractor
+
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(model.config.encoder)
+    states, lengths = encode_question(model, feature_extractor, _waveform(audio, feature_extractor.sampling_rate))
+    return {"encoder_states": states, "encoder_lengths": lengths}
+
+
 def speak(
     model: Any,
     tokenizer: Any,
@@ -303,46 +190,38 @@ def speak(
     max_new_tokens: int = 600,
     feature_extractor: Any = None,
     stop_ids: Sequence[int] | None = None,
-) -> tuple[str, int]:
+    sampling: Sampling | None = None,
+    batch_parallel: bool = False,
+    stream: bool = False,
+) -> Any:
     """Answer one question; returns (answer text, number of SNAC frames written).
 
     audio: (samples, sampling_rate) or a path to an audio file, for speech-in tasks; text: the
     question, for text-in tasks. Speech-out tasks (a1a2, t1a2) write the answer speech decoded by
     `codec` to wav_path (24 kHz, 16-bit, frames x samples_per_frame() samples); text-out tasks
     write nothing and return 0 frames. feature_extractor defaults to the one saved with the
-    model's encoder; stop_ids to the tokenizer's end-of-text token.
+    model's encoder; stop_ids to the tokenizer's end-of-text token. sampling: draws instead of
+    greedy; batch_parallel: a1a2 steered by its A1T2 row (training.model.decoding).
+    stream=True (speech-out tasks) returns a SpeechStream instead and writes nothing: iterate it
+    for the audio chunks as the frames complete.
     """
     from training.speech.codec import SAMPLING_RATE, decode_codes  # imports snac: only speech output needs it
 
-    _check_task(task)
-    speech_in = task in SPEECH_IN_TASKS
-    if speech_in and (audio is None or text is not None):
-        raise ValueError(f"task {task!r} takes a speech question: pass audio, not text")
-    if not speech_in and (text is None or audio is not None):
-        raise ValueError(f"task {task!r} takes a text question: pass text, not audio")
-    if task in SPEECH_TASKS and wav_path is None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task in SPEECH_TASKS and wav_path is None and not stream:
         raise ValueError(f"task {task!r} answers with speech: pass wav_path")
+    if stream and task not in SPEECH_TASKS:
+        raise ValueError(f"task {task!r} answers in text: there is no speech to stream")
     if stop_ids is None:
         stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     model.eval()
-    if speech_in:
-        if feature_extractor is None:
-            from transformers import WhisperFeatureExtractor
-
-            feature_extractor = WhisperFeatureExtractor.from_pretrained(model.config.encoder)
-        wave = _waveform(audio, feature_extractor.sampling_rate)
-        states, lengths = encode_question(model, feature_extractor, wave)
-        result = generate(
-            model,
-            task,
-            encoder_states=states,
-            encoder_lengths=lengths,
-            max_new_tokens=max_new_tokens,
-            stop_ids=stop_ids,
-        )[0]
-    else:
-        question = tokenizer(text, add_special_tokens=False).input_ids  # as prepared rows hold text ids
-        result = generate(model, task, question_ids=[question], max_new_tokens=max_new_tokens, stop_ids=stop_ids)[0]
+    question = _question(model, tokenizer, task, audio, text, feature_extractor)
+    decoding = {"max_new_tokens": max_new_tokens, "sampling": sampling, "batch_parallel": batch_parallel}
+    if stream:
+        steps = decode_steps(model, task, stop_ids=stop_ids, **decoding, **question)
+        return SpeechStream(model, tokenizer, steps, StreamingDecoder(codec), stop_ids)
+    result = generate(model, task, stop_ids=stop_ids, **decoding, **question)[0]
     answer = tokenizer.decode(result.text_ids)
     if result.codes is None:
         return answer, 0
@@ -369,10 +248,25 @@ def main(argv: list[str] | None = None) -> int:
         "decodes the codes, and the audio is not intelligible",
     )
     parser.add_argument("--max-new-tokens", type=int, default=600)
+    parser.add_argument("--stream", action="store_true", help="write the WAV as frames complete (a1a2, t1a2)")
+    parser.add_argument("--batch-parallel", action="store_true", help="a1a2 steered by its A1T2 row's text")
+    parser.add_argument("--temperature", type=float, default=None, help="sample instead of greedy decoding")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws when sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.task in SPEECH_TASKS and not args.out:
         parser.error(f"--task {args.task} answers with speech: pass --out answer.wav")
+    if args.stream and args.task not in SPEECH_TASKS:
+        parser.error(f"--stream: task {args.task} answers in text")
+    if args.batch_parallel and args.task != "a1a2":
+        parser.error("--batch-parallel pairs an a1a2 row with an a1t2 row: use --task a1a2")
+    sampled = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    try:
+        sampling = Sampling(args.temperature or 1.0, args.top_k, args.top_p, args.seed) if sampled else None
+    except ValueError as err:
+        parser.error(str(err))
 
     from training.model import load_omni
     from training.speech.codec import SAMPLING_RATE, load_codec
@@ -385,17 +279,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.task in SPEECH_TASKS
         else None
     )
-    answer, frames = speak(
-        model,
-        tokenizer,
-        codec,
-        audio=args.audio,
-        text=args.text,
-        task=args.task,
-        wav_path=args.out,
-        max_new_tokens=args.max_new_tokens,
-        feature_extractor=feature_extractor,
-    )
+    options = {"sampling": sampling, "batch_parallel": args.batch_parallel, "feature_extractor": feature_extractor}
+    common = {"audio": args.audio, "text": args.text, "task": args.task, "max_new_tokens": args.max_new_tokens}
+    if args.stream:
+        speech = speak(model, tokenizer, codec, wav_path=None, stream=True, **common, **options)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with sf.SoundFile(args.out, "w", SAMPLING_RATE, 1, subtype="PCM_16", format="WAV") as wav:
+            for chunk in speech:  # written as it comes: a reader may play the file while it grows
+                wav.write(np.clip(chunk, -1.0, 1.0))
+                wav.flush()
+        answer, frames = speech.text, speech.frames
+        if speech.first_audio_s is not None:
+            print(f"first audio after {speech.first_audio_s:.2f} s", file=sys.stderr)
+    else:
+        answer, frames = speak(model, tokenizer, codec, wav_path=args.out, **common, **options)
     print(answer)
     if args.task in SPEECH_TASKS:
         seconds = frames * samples_per_frame() / SAMPLING_RATE
