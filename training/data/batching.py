@@ -219,6 +219,7 @@ class SpeechTextCollator:
             "encoder_lengths": torch.tensor([n for _, n, _ in laid_out]),
             "texts": [ref for _, _, ref in laid_out],  # reference answers (transcripts for asr), for evaluation
             "task_ids": torch.tensor([TASKS.index(self.task or r.get("task", "asr")) for r in rows]),
+            "questions": [str(r.get("question", "")) for r in rows],  # QA rows: the question asked (its text)
             # the written questions of a text-in evaluation loader, for free-running decoding
             **({"question_ids": [r["question_ids"].tolist() for r in rows]} if self.task in ("t1t2", "t1a2") else {}),
         }

@@ -13,10 +13,12 @@ from training.common import atomic_dir
 from training.engine.context import RunContext, WerGateFailed
 from training.engine.loaders import StageLoaders
 from training.engine.mfu import throughput
+from training.evaluation.listening import write_listening_audio
 from training.evaluation.report import write_report
 from training.evaluation.scores import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
 from training.evaluation.spoken import SAMPLES_KEPT, SPOKEN_FIGURES, code_judge_scores, describe_spoken, speak_heldout
 from training.model import save_omni
+from training.speech.codec import load_codec
 from training.stages import STAGE_NAMES
 
 if TYPE_CHECKING:
@@ -26,9 +28,12 @@ if TYPE_CHECKING:
 class StageEvaluation:
     """The held-out scores of a (prepared) model on a stage's evaluation loaders."""
 
-    def __init__(self, ctx: RunContext, model: Any, tokenizer: Any, loaders: StageLoaders, log) -> None:
+    def __init__(
+        self, ctx: RunContext, model: Any, tokenizer: Any, loaders: StageLoaders, log, stage_dir: Path
+    ) -> None:
         self.acc: Accelerator = ctx.accelerator
         self.recipe, self.model, self.tokenizer, self.loaders, self.log = ctx.recipe, model, tokenizer, loaders, log
+        self.ctx, self.stage_dir, self.codec = ctx, stage_dir, None
 
     def heldout_loss(self, split: str | None = None) -> float:
         return heldout_loss(self.acc, self.model, self.loaders.evals[split or self.recipe.data.heldout_split])
@@ -74,9 +79,26 @@ class StageEvaluation:
             scores = code_judge_scores(answers, self.loaders.judge, self.loaders.majority_answer_accuracy)
             scores["max_new_tokens"] = limit
             scores["samples"] = [vars(a) | {"judged": self.loaders.judge(a.codes)} for a in answers[:SAMPLES_KEPT]]
+            if self.acc.is_main_process:  # files only: no collective in here
+                self.write_listening(task, scores["samples"])
             out[task] = scores
             self.log(f"[spoken {task}] {describe_spoken(scores)}")
         return {"spoken": out} if out else {}
+
+    def write_listening(self, task: str, samples: list[dict[str, Any]]) -> None:
+        """WAVs of the kept samples for the listening page (evaluation/listening.py); a failure
+        here costs the page, never the run."""
+        data = self.recipe.data
+        try:
+            if self.codec is None:
+                self.codec = load_codec(data.codec, log=lambda _: None)
+            questions = self.ctx.qa_splits.get(data.heldout_split)
+            write_listening_audio(
+                self.stage_dir, task, samples, self.codec, self.loaders.judge, questions,
+                data.question_column, data.question_audio_column,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - the scores are already computed
+            self.log(f"warning: could not write the listening WAVs: {type(err).__name__}: {err}")
 
     def before_training(self) -> dict[str, Any]:
         """The untrained pipeline's scores (the "before" row of the run record)."""

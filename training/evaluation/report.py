@@ -12,6 +12,7 @@ Writes (each atomically: a crash leaves the previous report or the new one, neve
     <output>/report/lr.png          LR per global step, same boundaries
     <output>/report/wer.png         WER per stage boundary (before, asr, second, final) per split
     <output>/report/series.json     the exact data plotted (one point per metrics.jsonl line)
+    <output>/report.html            the listening page (evaluation/listening.py), its WAVs in report/audio/
 
 Call it on the main process only: it writes shared files.
 """
@@ -32,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from training.common import RECORD, atomic_dir, read_json, write_text_atomic
+from training.evaluation.listening import copy_listening_audio, spoken_table, write_listening_page
 from training.recipe_file import load_recipe
 from training.stages import STAGE_NAMES, Recipe, RecipeError
 
@@ -364,6 +366,7 @@ def render_markdown(recipe: Recipe, record: dict[str, Any], splits: list[str], s
         *wer_detail(record, splits),
         "",
         *qa_table(record),
+        *spoken_table(record, BOUNDARIES),
         "## Plots",
         "",
         f"![training loss per step]({REPORT_DIR}/{PLOTS['loss']})",
@@ -410,6 +413,8 @@ def write_report(output_dir: Path, recipe: Recipe) -> Path:
         plot_per_step(series, "lr", "learning rate", tmp / PLOTS["lr"])
         plot_wer(points, tmp / PLOTS["wer"])
         (tmp / SERIES_JSON).write_text(json.dumps(series_json(series, points), indent=1))
+        audio = copy_listening_audio(output_dir, record, tmp, REPORT_DIR, BOUNDARIES)
+    write_listening_page(output_dir, record, audio, recipe.data.codec, BOUNDARIES)
     report = output_dir / REPORT_MD
     write_text_atomic(report, render_markdown(recipe, record, splits, series))
     return report

@@ -104,6 +104,7 @@ class CodeJudge:
 class SpokenAnswer:
     """One held-out question answered freely: what was asked for, said in text, and spoken."""
 
+    question: str
     reference: str
     text: str
     codes: list[list[int]]  # [n, 7] generated SNAC codes
@@ -131,8 +132,8 @@ def speak_heldout(
             unwrapped, task, max_new_tokens=max_new_tokens, stop_ids=stops, all_finished=sync, **question
         )
         local = [
-            SpokenAnswer(ref, tokenizer.decode(g.text_ids), g.codes.tolist(), not g.finished)
-            for ref, g in zip(batch["texts"], generated)
+            SpokenAnswer(question, ref, tokenizer.decode(g.text_ids), g.codes.tolist(), not g.finished)
+            for question, ref, g in zip(batch["questions"], batch["texts"], generated)
         ]
         answers += accelerator.gather_for_metrics(local, use_gather_object=True)
     model.train()
