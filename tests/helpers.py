@@ -246,3 +246,92 @@ def every_task_rows(model, tokenizer, seed: int = 1) -> list[dict[str, Any]]:
             )
         rows.append(row)
     return rows
+
+
+# The listening page (report.html) in a real headless browser.
+REQUIRE_BROWSER = "OMNI_STAGE_REQUIRE_BROWSER"  # set to 1 (.ci/run does): no Chromium fails instead of skipping
+_DURATIONS_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const players = [...document.querySelectorAll('audio')];
+  const report = () => document.body.setAttribute('data-players', JSON.stringify(
+    players.map(p => ({src: p.getAttribute('src'), duration: p.duration, error: p.error && p.error.code}))));
+  let left = players.length;
+  if (!left) report();
+  players.forEach(p => {
+    const one = () => { if (--left === 0) report(); };
+    p.addEventListener('loadedmetadata', one);
+    p.addEventListener('error', one);
+    p.load();
+  });
+});
+</script>"""
+
+
+def browser_players(page: Path) -> list[dict[str, Any]]:
+    """Open `page` (served over HTTP on localhost from its folder) in headless Chromium and return
+    each <audio> player's src, duration in seconds (None if the browser could not read it) and
+    media error code, as the browser reports them once every player has loaded its metadata."""
+    import functools
+    import html
+    import http.server
+    import re
+    import shutil
+    import tempfile
+    import threading
+
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            raise AssertionError("Chromium is required here (apt-get install chromium) and is not installed")
+        pytest.skip("Chromium is not installed (.ci/run installs it)")
+    harness = page.with_name(f".browser-{uuid.uuid4().hex}.html")  # the page plus a probe, beside it
+    harness.write_text(page.read_text().replace("</body>", _DURATIONS_SCRIPT + "</body>"))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(page.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            dom = subprocess.run(
+                [
+                    chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom",
+                    f"http://127.0.0.1:{server.server_port}/{harness.name}",
+                ],
+                capture_output=True, text=True, timeout=120, check=True,
+            ).stdout  # fmt: skip
+    finally:
+        server.shutdown()
+        harness.unlink()
+    found = re.search(r'data-players="([^"]*)"', dom)
+    assert found, "the page's players never all loaded their metadata"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def save_tiny_whisper_judge(path: Path, tokenizer_dir: str | Path) -> str:
+    """A random-weight Whisper speech recognizer (encoder + decoder) saved by path with a feature
+    extractor and the tiny BPE tokenizer: the ASR judge's loading and generation, not its hearing."""
+    from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    start, end = len(tokenizer), len(tokenizer) + 1
+    sizes = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer) + 8, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+        max_target_positions=64, decoder_start_token_id=start, bos_token_id=start, eos_token_id=end,
+        pad_token_id=end, **sizes,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = WhisperForConditionalGeneration(config)
+    model.generation_config.update(decoder_start_token_id=start, eos_token_id=end, pad_token_id=end)
+    model.save_pretrained(path)
+    WhisperFeatureExtractor().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -224,6 +224,7 @@ def test_run_report_and_tensorboard_scalars(three_stages):
         train = {"loss", "loss_text", "loss_task_asr", "lr", "grad_norm", "tokens_per_s", "padding"}
         assert {f"{stage}/train/{t}" for t in train} <= tags
         assert {f"{stage}/eval/wer_heldout", f"{stage}/eval/wer_dev", f"{stage}/eval/heldout_loss"} <= tags
+    assert {"final/eval/a1a2_spoken_accuracy", "final/eval/t1a2_text_speech_agreement"} <= tags
 
 
 def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
@@ -270,6 +271,51 @@ def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
     # A 150-step model may still end every layer early (frames can be 0); tests/test_inference.py
     # decodes a model trained to certainty, frame for frame.
     assert rate == 24_000 and len(samples) == frames * samples_per_frame()
+
+
+def test_final_stage_speech_is_judged_as_spoken_and_listenable(three_stages):
+    """The final boundary decodes every held-out question freely in speech (a1a2 and t1a2, both in
+    its mix), judges the codes against the answers' reference speech, records each figure beside
+    its floor (also in TensorBoard and report.md), and report.html holds players for the kept
+    questions that a real browser loads: every file it links has a duration > 0."""
+    from tests.helpers import browser_players
+
+    final = json.loads((three_stages / "run_record.json").read_text())["stages"]["final"]
+    assert set(final["spoken"]) == {"a1a2", "t1a2"}
+    for task, scores in final["spoken"].items():
+        assert scores["questions"] == 100 and scores["judge"] == "codes" and scores["candidates"] > 20
+        for name in ("spoken_accuracy", "text_speech_agreement", "agreement_floor", "exact_sequence_rate"):
+            assert 0 <= scores[name] <= 1, (task, name)
+        assert 0 < scores["majority"] < 0.1 and scores["length_ratio"] > 0 and 0 <= scores["reached_limit"] <= 1
+        assert len(scores["samples"]) == 4 and all(s["question"] for s in scores["samples"])
+    assert "| final | a1a2 |" in (three_stages / "report.md").read_text()
+    players = browser_players(three_stages / "report.html")
+    spoken = [s for t in ("a1a2", "t1a2") for s in final["spoken"][t]["samples"]]
+    expected = sum(len(s["wavs"]) for s in spoken)
+    assert len(players) == expected >= 4 * 2 + 4  # references of both tasks, questions of a1a2 (+ answers)
+    assert all(p["error"] is None and p["duration"] and p["duration"] > 0 for p in players), players
+    assert sum("question" in p["src"] for p in players) == 4
+
+
+def test_speech_judge_runs_end_to_end_at_the_boundary(three_stages, quick_recipe, cache_dir, tmp_path):
+    """Plumbing only (tiny random models hear nothing): a final stage started from the quick run's
+    second-stage export, with a Whisper checkpoint by path as --speech-judge, decodes its answer
+    speech with the codec, transcribes it and records speech WER against the references and
+    against the model's own text, beside the code judge's figures, and the transcripts."""
+    from tests.helpers import save_tiny_whisper_judge
+
+    judge = save_tiny_whisper_judge(tmp_path / "judge", three_stages / "second" / "final" / "llm")
+    out = tmp_path / "run"
+    args = ["--stage", "final", "--recipe", quick_recipe, "--output-dir", str(out), "--cache-dir", str(cache_dir)]
+    args += ["--init-from", str(three_stages / "second" / "final"), "--max-steps", "3", "--speech-judge", judge]
+    assert main(args) == 0
+    spoken = json.loads((out / "run_record.json").read_text())["stages"]["final"]["spoken"]
+    for task in ("a1a2", "t1a2"):
+        heard = spoken[task]["asr_judge"]
+        assert heard["judge"] == judge and heard["words"] > 0 and heard["speech_wer"] > 0
+        assert heard["text_speech_wer"] is None or heard["text_speech_wer"] >= 0
+        assert all(isinstance(s["transcript"], str) for s in spoken[task]["samples"])
+        assert 0 <= spoken[task]["spoken_accuracy"] <= 1
 
 
 def test_final_stage_hears_what_kind_of_question_is_asked(three_stages, cache_dir):

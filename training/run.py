@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--codec", help="SNAC 24 kHz checkpoint (path or hub id) to encode answer audio; default: seeded random weights"
     )
+    parser.add_argument(
+        "--speech-judge",
+        help="transcribe the answer speech generated at each boundary: a Whisper checkpoint (path or hub id) "
+        "or 'self' (the run's own model); meaningful with a real --codec",
+    )
     parser.add_argument("--max-steps", type=int, help="cap every stage at this many optimizer steps")
     parser.add_argument(
         "--dist-timeout-minutes",
@@ -143,6 +148,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         "dev_split": args.dev_split,
         "qa_dataset": args.qa_dataset,
         "codec": args.codec,
+        "speech_judge": args.speech_judge,
     }
     data_changes = {k: v for k, v in flags.items() if v is not None}
     if args.skip_bad_rows:

@@ -189,6 +189,10 @@ class DataSpec:
     answer_snac_column: str = "answer_snac"  # "# c1 ... c7 # ..." per row, or
     answer_audio_column: str = "answer_audio"  # ... answer speech, encoded with the codec below
     codec: str | None = None  # SNAC 24 kHz checkpoint (path or hub id); None = seeded random weights
+    # Transcribes the free-running answer speech at the boundary (evaluation/speech_judge.py): a
+    # Whisper checkpoint (path or hub id) or "self" (the run's own model in ASR mode); None = the
+    # code judge only. Needs a real codec above to mean anything.
+    speech_judge: str | None = None
     # The frozen encoder's states for the training splits: "cache" (computed once, stored: fast
     # steps, ~276 MB per hour of speech for whisper-small in bf16), "step" (computed in each training
     # step from log-mel made by the loader: no cache, flat memory, the encoder's forward in every

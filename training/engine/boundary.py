@@ -16,6 +16,7 @@ from training.engine.mfu import throughput
 from training.evaluation.listening import write_listening_audio
 from training.evaluation.report import write_report
 from training.evaluation.scores import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
+from training.evaluation.speech_judge import SpeechJudge, asr_judge_scores
 from training.evaluation.spoken import SAMPLES_KEPT, SPOKEN_FIGURES, code_judge_scores, describe_spoken, speak_heldout
 from training.model import save_omni
 from training.speech.codec import load_codec
@@ -29,11 +30,19 @@ class StageEvaluation:
     """The held-out scores of a (prepared) model on a stage's evaluation loaders."""
 
     def __init__(
-        self, ctx: RunContext, model: Any, tokenizer: Any, loaders: StageLoaders, log, stage_dir: Path
+        self,
+        ctx: RunContext,
+        model: Any,
+        tokenizer: Any,
+        loaders: StageLoaders,
+        log,
+        stage_dir: Path,
+        feature_extractor: Any = None,
     ) -> None:
         self.acc: Accelerator = ctx.accelerator
         self.recipe, self.model, self.tokenizer, self.loaders, self.log = ctx.recipe, model, tokenizer, loaders, log
-        self.ctx, self.stage_dir, self.codec = ctx, stage_dir, None
+        self.ctx, self.stage_dir, self.feature_extractor = ctx, stage_dir, feature_extractor
+        self.codec, self.speech_judge = None, None  # loaded at the first boundary that needs them
 
     def heldout_loss(self, split: str | None = None) -> float:
         return heldout_loss(self.acc, self.model, self.loaders.evals[split or self.recipe.data.heldout_split])
@@ -79,22 +88,44 @@ class StageEvaluation:
             scores = code_judge_scores(answers, self.loaders.judge, self.loaders.majority_answer_accuracy)
             scores["max_new_tokens"] = limit
             scores["samples"] = [vars(a) | {"judged": self.loaders.judge(a.codes)} for a in answers[:SAMPLES_KEPT]]
+            if self.recipe.data.speech_judge:
+                self.hear(answers, scores)
             if self.acc.is_main_process:  # files only: no collective in here
                 self.write_listening(task, scores["samples"])
             out[task] = scores
             self.log(f"[spoken {task}] {describe_spoken(scores)}")
         return {"spoken": out} if out else {}
 
+    def hear(self, answers: list[Any], scores: dict[str, Any]) -> None:
+        """The ASR judge (evaluation/speech_judge.py): every rank transcribes every answer, the same
+        work in the same order, so that the run's own model as judge gathers ZeRO-3 shards in step."""
+        source = self.recipe.data.speech_judge
+        if self.speech_judge is None:
+            if self.recipe.data.codec is None:
+                self.log("warning: --speech-judge with the random-weight codec: the speech is not intelligible")
+            own = (self.acc.unwrap_model(self.model), self.tokenizer, self.feature_extractor)
+            self.speech_judge = SpeechJudge(source, self.listening_codec(), *own)
+        self.model.eval()
+        heard = self.speech_judge.transcribe([a.codes for a in answers], self.recipe.max_new_tokens)
+        self.model.train()
+        scores["asr_judge"] = asr_judge_scores(heard, [a.reference for a in answers], [a.text for a in answers], source)
+        for sample, transcript in zip(scores["samples"], heard):
+            sample["transcript"] = transcript
+
+    def listening_codec(self) -> Any:
+        if self.codec is None:
+            self.codec = load_codec(self.recipe.data.codec, log=lambda _: None)
+        return self.codec
+
     def write_listening(self, task: str, samples: list[dict[str, Any]]) -> None:
         """WAVs of the kept samples for the listening page (evaluation/listening.py); a failure
         here costs the page, never the run."""
         data = self.recipe.data
         try:
-            if self.codec is None:
-                self.codec = load_codec(data.codec, log=lambda _: None)
+            codec = self.listening_codec()
             questions = self.ctx.qa_splits.get(data.heldout_split)
             write_listening_audio(
-                self.stage_dir, task, samples, self.codec, self.loaders.judge, questions,
+                self.stage_dir, task, samples, codec, self.loaders.judge, questions,
                 data.question_column, data.question_audio_column,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - the scores are already computed

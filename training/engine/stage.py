@@ -100,7 +100,9 @@ class StageRun:
         self.global_per_batch = acc.num_processes if recipe.tokens_per_micro_batch else 1
         loaders.evals = {s: acc.prepare(dl) for s, dl in loaders.evals.items()}
         loaders.qa = {s: acc.prepare(dl) for s, dl in loaders.qa.items()}
-        self.evaluation = StageEvaluation(ctx, self.model, self.tokenizer, loaders, self.log, self.dir)
+        self.evaluation = StageEvaluation(
+            ctx, self.model, self.tokenizer, loaders, self.log, self.dir, self.feature_extractor
+        )
         if self.source == PRETRAINED and "before" not in ctx.record()["stages"]:
             self.log("evaluating the untrained pipeline")
             ctx.update_record("before", self.evaluation.before_training())

@@ -52,7 +52,7 @@ def write_listening_audio(
         wavs: dict[str, str] = {}
         speech = {"answer": sample["codes"], "reference": judge.reference(sample["reference"])}
         for kind, codes in speech.items():
-            if codes is None:
+            if codes is None or len(codes) == 0:  # no speech: no player
                 continue
             name = f"{LISTENING_DIR}/{task}-{i}-{kind}.wav"
             frames = torch.as_tensor(codes, dtype=torch.long).reshape(-1, N_AUDIO_LAYERS)
