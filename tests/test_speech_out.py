@@ -254,3 +254,27 @@ def test_asr_judge_hears_with_the_runs_own_model_or_whisper(speaking_model, tiny
     scores = asr_judge_scores(["the cat sat", "", "a dog"], ["the cat sat", "a dog ran", "a dog"], ["", "x", ""], "j")
     assert scores["speech_wer"] == pytest.approx(3 / 8) and scores["text_answers"] == 1
     assert scores["text_speech_wer"] == 1.0  # "" heard against the one text answer "x"
+
+
+def test_mini_omni_decoding_rules(speaking_model, tiny_checkpoints):
+    """Their rules (audio fed back as chosen, stop at layer 6's eoa) and ours agree on a model
+    trained to certainty (it emits the pads ours would force); on an untrained model they part:
+    ours force pad_a during the delay, theirs feed what the model chose."""
+    model, _, _, _, states, lengths, answer_ids, codes = speaking_model
+    question = {"encoder_states": states, "encoder_lengths": lengths, "max_new_tokens": 60}
+    theirs = generate(model, "a1a2", rules="mini-omni", **question)[0]
+    assert theirs.finished and theirs.text_ids == answer_ids and torch.equal(theirs.codes, codes)
+    assert torch.equal(theirs.audio_ids, generate(model, "a1a2", **question)[0].audio_ids)
+
+    untrained, _, _ = tiny_model(tiny_checkpoints, frame_stack=4, seed=0)
+    scramble(untrained)
+    untrained.eval()
+    question |= {"max_new_tokens": 10}
+    ours = generate(untrained, "a1a2", **question)[0].audio_ids
+    theirs = generate(untrained, "a1a2", rules="mini-omni", **question)[0].audio_ids
+    delay = torch.tensor([[layer >= step for step in range(ours.shape[1])] for layer in range(N_AUDIO_LAYERS)])
+    pad = torch.tensor([untrained.layout.audio_id(untrained.layout.pad_a, i) for i in range(N_AUDIO_LAYERS)])
+    assert bool((ours[delay] == pad[:, None].expand_as(ours)[delay]).all())
+    assert not torch.equal(ours, theirs[:, : ours.shape[1]])
+    with pytest.raises(ValueError, match="decoding rules"):
+        generate(untrained, "a1a2", rules="fast", **question)

@@ -15,7 +15,7 @@ from training.engine.loaders import StageLoaders
 from training.engine.mfu import throughput
 from training.evaluation.listening import write_listening_audio
 from training.evaluation.report import write_report
-from training.evaluation.scores import answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
+from training.evaluation.scores import all_ranks_finished, answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
 from training.evaluation.speech_judge import SpeechJudge, asr_judge_scores
 from training.evaluation.spoken import SAMPLES_KEPT, SPOKEN_FIGURES, code_judge_scores, describe_spoken, speak_heldout
 from training.model import save_omni
@@ -106,7 +106,8 @@ class StageEvaluation:
             own = (self.acc.unwrap_model(self.model), self.tokenizer, self.feature_extractor)
             self.speech_judge = SpeechJudge(source, self.listening_codec(), *own)
         self.model.eval()
-        heard = self.speech_judge.transcribe([a.codes for a in answers], self.recipe.max_new_tokens)
+        sync = all_ranks_finished(self.acc)
+        heard = self.speech_judge.transcribe([a.codes for a in answers], self.recipe.max_new_tokens, sync)
         self.model.train()
         scores["asr_judge"] = asr_judge_scores(heard, [a.reference for a in answers], [a.text for a in answers], source)
         for sample, transcript in zip(scores["samples"], heard):
@@ -240,12 +241,16 @@ def write_run_report(ctx: RunContext) -> None:
 
 
 def format_wer_table(record: dict[str, Any], splits: list[str]) -> str:
-    """WER per split, and (with QA data) answer accuracy and audio-token accuracy, per boundary."""
+    """WER per split, and (with QA data) answer accuracy, audio-token accuracy and the spoken-answer
+    accuracy of free-running a1a2 speech (code judge), per boundary."""
     entries = [(key, record["stages"][key]) for key in ("before", *STAGE_NAMES) if record["stages"].get(key)]
     qa = any("answer" in e for _, e in entries)
+    spoken = any("a1a2" in e.get("spoken", {}) for _, e in entries)
     header = f"{'after':<8}" + "".join(f"{s + ' WER':>14}" for s in splits)
     if qa:
         header += f"{'answer acc':>12}{'audio acc':>11}"
+    if spoken:
+        header += f"{'spoken acc':>12}"
     rows = [header + f"{'steps':>8}{'seconds':>9}"]
     percent = lambda value, width: f"{value * 100:>{width - 1}.1f}%"  # noqa: E731
     for key, entry in entries:
@@ -253,5 +258,8 @@ def format_wer_table(record: dict[str, Any], splits: list[str]) -> str:
         if qa:
             cells += percent(entry["answer"]["accuracy"], 12) if "answer" in entry else f"{'-':>12}"
             cells += percent(entry["audio_tokens"]["accuracy"], 11) if "audio_tokens" in entry else f"{'-':>11}"
+        if spoken:
+            a1a2 = entry.get("spoken", {}).get("a1a2")
+            cells += percent(a1a2["spoken_accuracy"], 12) if a1a2 else f"{'-':>12}"
         rows.append(f"{key:<8}{cells}{entry.get('steps', 0):>8}{entry.get('seconds', 0):>9.0f}")
     return "\n".join(rows)

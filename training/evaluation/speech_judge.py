@@ -14,7 +14,7 @@ there the code judge (evaluation/spoken.py) is the honest one and this path is p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,8 +60,11 @@ class SpeechJudge:
         return np.clip(resample(wave, SAMPLING_RATE, rate, "answer speech"), -1.0, 1.0)
 
     @torch.no_grad()
-    def transcribe(self, answers_codes: Sequence[Any], max_new_tokens: int) -> list[str]:
-        """One transcript per code sequence ("" for speech of no frames)."""
+    def transcribe(
+        self, answers_codes: Sequence[Any], max_new_tokens: int, all_finished: Callable[[bool], bool] | None = None
+    ) -> list[str]:
+        """One transcript per code sequence ("" for speech of no frames). all_finished: the ranks'
+        lock-step for the run's own model under ZeRO-3 (evaluation/scores.py)."""
         waves = [self._speech(c) if len(c) else None for c in answers_codes]
         out = [""] * len(waves)
         spoken = [i for i, w in enumerate(waves) if w is not None and w.size]
@@ -75,7 +78,7 @@ class SpeechJudge:
                 states, lengths = encode_question(self.model, self.feature_extractor, waves[i][:window])
                 heard = generate(
                     self.model, "asr", encoder_states=states, encoder_lengths=lengths,
-                    max_new_tokens=max_new_tokens, stop_ids=stops,
+                    max_new_tokens=max_new_tokens, stop_ids=stops, all_finished=all_finished,
                 )[0]  # fmt: skip
                 out[i] = self.tokenizer.decode(heard.text_ids)
             return out

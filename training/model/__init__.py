@@ -3,7 +3,9 @@
   omni.py       the architecture and its loss (OmniModel, OmniConfig, model_inputs)
   build.py      building from pretrained parts, growing the vocabulary, saving/loading a stage
                 export, what a stage trains (set_trainable, optimizer_groups)
-  inference.py  batched greedy decoding of text + 7 SNAC streams with a KV cache; speech out (CLI)
+  decoding.py   batched decoding of text + 7 SNAC streams with a KV cache (greedy or sampled,
+                batch-parallel, our rules or Mini-Omni's)
+  inference.py  one question answered: speech out as a WAV, whole or streamed (CLI)
   export.py     Mini-Omni's litgpt checkpoint and a Hugging Face folder, both ways (CLI)
   litgpt.py     Mini-Omni's litgpt names, fused QKV layout and config keys (used by export.py)
   dry_run.py    the model on the meta device: parameters, memory per GPU, tokens per step

@@ -20,6 +20,14 @@ A row is finished when its text is over (text-out tasks), or its text is over AN
 ended (speech-out tasks: layer 6's eoa is the last column of the answer block, Mini-Omni's stop).
 Decoding stops when every row is finished or after max_new_tokens steps.
 
+Mini-Omni's reference decoder (litgpt/generate/base.py, generate_AA) differs on purpose, and
+rules="mini-omni" decodes by its rules for a side-by-side comparison: every audio id is fed back as
+chosen (no pad_a forced during a layer's delay or after its eoa; a special does not end a layer),
+and a row stops as soon as layer 6 emits eoa, whether or not its text is over. Ours keep the fed
+columns exactly as training laid them out (the model never sees a column training could not hold)
+and never cut the text answer short. The codes are read the same way under both (read_codes, the
+delay columns skipped).
+
 Batch-parallel (a1a2 only, as Mini-Omni's inference does it): each question is decoded in two
 rows, its A1A2 row and its A1T2 row, and the text id chosen in the A1T2 row is fed to both, so the
 text answer (the model's best text-only answer) steers the speech. The A1T2 row's audio stays
@@ -53,7 +61,9 @@ from training.speech.layout import (
 )
 from training.stages import TASKS
 
-__all__ = ["DecodeStep", "Generated", "Sampling", "build_prompts", "decode_steps", "generate", "read_codes"]
+RULES = ("ours", "mini-omni")
+
+__all__ = ["RULES", "DecodeStep", "Generated", "Sampling", "build_prompts", "decode_steps", "generate", "read_codes"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ def read_codes(layout: VocabLayout, audio_ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros((0, N_AUDIO_LAYERS), dtype=torch.long)
     ids = audio_ids.clone()
     for layer in range(N_AUDIO_LAYERS):
+        ids[layer, : layer + 1] = layout.audio_id(layout.pad_a, layer)  # the delay (chosen freely by mini-omni rules)
         local = ids[layer, layer + 1 :] - layout.audio_offset(layer)
         ends = (local >= layout.audio_codes).nonzero()
         if len(ends):
@@ -162,8 +173,10 @@ def _model_device(model: Any) -> torch.device:
     return model.llm.get_input_embeddings().weight.device
 
 
-def _check_inputs(task: str, encoder_states: Any, encoder_lengths: Any, batch_parallel: bool) -> None:
+def _check_inputs(task: str, encoder_states: Any, encoder_lengths: Any, batch_parallel: bool, rules: str) -> None:
     _check_task(task)
+    if rules not in RULES:
+        raise ValueError(f"decoding rules are one of {RULES}, got {rules!r}")
     if task in SPEECH_IN_TASKS and (encoder_states is None or encoder_lengths is None):
         raise ValueError(f"task {task!r} takes a speech question: pass encoder_states and encoder_lengths")
     if task not in SPEECH_IN_TASKS and encoder_states is not None:
@@ -185,13 +198,15 @@ def decode_steps(
     all_finished: Callable[[bool], bool] | None = None,
     sampling: Sampling | None = None,
     batch_parallel: bool = False,
+    rules: str = "ours",
 ) -> Iterator[DecodeStep]:
     """Yields each decoding step's columns (module docstring); `generate` collects them.
 
     With batch_parallel the batch holds 2B rows: the B A1A2 rows first, then their A1T2 rows.
     all_finished(local) -> global: under ZeRO-3 every forward gathers parameters from all ranks,
     so all ranks must take the same number of steps; the caller reduces the flag across them."""
-    _check_inputs(task, encoder_states, encoder_lengths, batch_parallel)
+    _check_inputs(task, encoder_states, encoder_lengths, batch_parallel, rules)
+    theirs = rules == "mini-omni"
     layout: VocabLayout = model.layout
     speech_in = task in SPEECH_IN_TASKS
     n_audio = [n_adapter_frames(int(n), model.config.frame_stack) for n in encoder_lengths] if speech_in else None
@@ -252,12 +267,19 @@ def decode_steps(
         row_done = text_over.clone()
         if any_speech:
             local = choose(logits[:, layout.text_size :].reshape(batch, N_AUDIO_LAYERS, layout.audio_size))
-            forced = (step <= layer_index)[None, :] | audio_over | ~speaks_t[:, None]  # delay, done, or text-out row
+            if theirs:  # only a text-out row's audio is fixed; layer 6's eoa ends the row
+                forced = ~speaks_t[:, None].expand(-1, N_AUDIO_LAYERS)
+            else:  # delay, layer done, or text-out row
+                forced = (step <= layer_index)[None, :] | audio_over | ~speaks_t[:, None]
             local = torch.where(forced, torch.full_like(local, layout.pad_a), local)
-            audio_over |= ~forced & (local >= layout.audio_codes)  # eoa (or a stray special) ends the layer
+            ended = ~forced & ((local == layout.eoa) if theirs else (local >= layout.audio_codes))
+            audio_over |= ended  # ours: eoa (or a stray special) ends the layer
             audio = local + offsets[None, :]
             column[:, :N_AUDIO_LAYERS] = audio
-            row_done &= audio_over[:, N_AUDIO_LAYERS - 1] | ~speaks_t
+            if theirs:
+                row_done = torch.where(speaks_t, audio_over[:, N_AUDIO_LAYERS - 1], text_over)
+            else:
+                row_done &= audio_over[:, N_AUDIO_LAYERS - 1] | ~speaks_t
         yield DecodeStep(text, audio, row_done)
         finished = bool(row_done.all())
         if all_finished is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from training.model.decoding import Generated, Sampling, build_prompts, decode_steps, generate, read_codes
+from training.model.decoding import RULES, Generated, Sampling, build_prompts, decode_steps, generate, read_codes
 from training.speech.audio import decode_audio, resample, wav_bytes
 from training.speech.layout import N_AUDIO_LAYERS, SPEECH_IN_TASKS, SPEECH_TASKS, n_encoder_frames, strip_text_answer
 from training.stages import TASKS
@@ -193,6 +193,7 @@ def speak(
     sampling: Sampling | None = None,
     batch_parallel: bool = False,
     stream: bool = False,
+    rules: str = "ours",
 ) -> Any:
     """Answer one question; returns (answer text, number of SNAC frames written).
 
@@ -201,7 +202,8 @@ def speak(
     `codec` to wav_path (24 kHz, 16-bit, frames x samples_per_frame() samples); text-out tasks
     write nothing and return 0 frames. feature_extractor defaults to the one saved with the
     model's encoder; stop_ids to the tokenizer's end-of-text token. sampling: draws instead of
-    greedy; batch_parallel: a1a2 steered by its A1T2 row (training.model.decoding).
+    greedy; batch_parallel: a1a2 steered by its A1T2 row; rules: "ours" or "mini-omni" (the
+    reference decoder's rules; training.model.decoding says how they differ).
     stream=True (speech-out tasks) returns a SpeechStream instead and writes nothing: iterate it
     for the audio chunks as the frames complete.
     """
@@ -218,6 +220,7 @@ def speak(
     model.eval()
     question = _question(model, tokenizer, task, audio, text, feature_extractor)
     decoding = {"max_new_tokens": max_new_tokens, "sampling": sampling, "batch_parallel": batch_parallel}
+    decoding["rules"] = rules
     if stream:
         steps = decode_steps(model, task, stop_ids=stop_ids, **decoding, **question)
         return SpeechStream(model, tokenizer, steps, StreamingDecoder(codec), stop_ids)
@@ -254,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws when sampling")
+    parser.add_argument(
+        "--decoding-rules",
+        choices=RULES,
+        default="ours",
+        help="mini-omni: the reference decoder's rules (audio fed back as chosen, stop at layer 6's eoa)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.task in SPEECH_TASKS and not args.out:
@@ -279,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.task in SPEECH_TASKS
         else None
     )
-    options = {"sampling": sampling, "batch_parallel": args.batch_parallel, "feature_extractor": feature_extractor}
+    options = {"sampling": sampling, "batch_parallel": args.batch_parallel, "rules": args.decoding_rules}
+    options["feature_extractor"] = feature_extractor
     common = {"audio": args.audio, "text": args.text, "task": args.task, "max_new_tokens": args.max_new_tokens}
     if args.stream:
         speech = speak(model, tokenizer, codec, wav_path=None, stream=True, **common, **options)
