@@ -15,7 +15,13 @@ from training.engine.loaders import StageLoaders
 from training.engine.mfu import throughput
 from training.evaluation.listening import write_listening_audio
 from training.evaluation.report import write_report
-from training.evaluation.scores import all_ranks_finished, answer_accuracy, audio_token_scores, evaluate_wer, heldout_loss
+from training.evaluation.scores import (
+    all_ranks_finished,
+    answer_accuracy,
+    audio_token_scores,
+    evaluate_wer,
+    heldout_loss,
+)
 from training.evaluation.speech_judge import SpeechJudge, asr_judge_scores
 from training.evaluation.spoken import SAMPLES_KEPT, SPOKEN_FIGURES, code_judge_scores, describe_spoken, speak_heldout
 from training.model import save_omni
