@@ -110,7 +110,7 @@ class StageEvaluation:
             if self.recipe.data.codec is None:
                 self.log("warning: --speech-judge with the random-weight codec: the speech is not intelligible")
             own = (self.acc.unwrap_model(self.model), self.tokenizer, self.feature_extractor)
-            self.speech_judge = SpeechJudge(source, self.listening_codec(), *own)
+            self.speech_judge = SpeechJudge(source, self.listening_codec(), *own, device=self.acc.device)
         self.model.eval()
         sync = all_ranks_finished(self.acc)
         heard = self.speech_judge.transcribe([a.codes for a in answers], self.recipe.max_new_tokens, sync)

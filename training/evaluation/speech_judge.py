@@ -33,8 +33,16 @@ class SpeechJudge:
     """Transcribes answer speech given as SNAC codes (module docstring)."""
 
     def __init__(
-        self, source: str, codec: Any, model: Any = None, tokenizer: Any = None, feature_extractor: Any = None
+        self,
+        source: str,
+        codec: Any,
+        model: Any = None,
+        tokenizer: Any = None,
+        feature_extractor: Any = None,
+        device: str | torch.device = "cpu",
     ) -> None:
+        """source: SELF (model, tokenizer, feature_extractor: the run's own) or a Whisper checkpoint,
+        loaded onto `device`."""
         self.source, self.codec = source, codec
         if source == SELF:
             self.model, self.tokenizer, self.feature_extractor = model, tokenizer, feature_extractor
@@ -42,7 +50,7 @@ class SpeechJudge:
         else:
             from transformers import AutoProcessor, WhisperForConditionalGeneration
 
-            self.whisper = WhisperForConditionalGeneration.from_pretrained(source).eval()
+            self.whisper = WhisperForConditionalGeneration.from_pretrained(source).eval().to(device)
             self.processor = AutoProcessor.from_pretrained(source)
             self.feature_extractor = getattr(self.processor, "feature_extractor", self.processor)
             self.tokenizer = getattr(self.processor, "tokenizer", None)
