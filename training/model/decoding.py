@@ -63,7 +63,17 @@ from training.stages import TASKS
 
 RULES = ("ours", "mini-omni")
 
-__all__ = ["RULES", "DecodeStep", "Generated", "Sampling", "build_prompts", "decode_steps", "generate", "read_codes"]
+__all__ = [
+    "RULES",
+    "DecodeStep",
+    "check_task",
+    "Generated",
+    "Sampling",
+    "build_prompts",
+    "decode_steps",
+    "generate",
+    "read_codes",
+]
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ class DecodeStep:
     done: torch.Tensor
 
 
-def _check_task(task: str) -> None:
+def check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
@@ -140,7 +150,7 @@ def build_prompts(
 ) -> list[torch.Tensor]:
     """One [8, P] prompt per row: speech-in tasks from their numbers of speech positions, text-in
     tasks from their question token ids."""
-    _check_task(task)
+    check_task(task)
     if task in SPEECH_IN_TASKS:
         if n_audio is None:
             raise ValueError(f"task {task!r} takes a speech question: pass encoder_states and encoder_lengths")
@@ -174,7 +184,7 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _check_inputs(task: str, encoder_states: Any, encoder_lengths: Any, batch_parallel: bool, rules: str) -> None:
-    _check_task(task)
+    check_task(task)
     if rules not in RULES:
         raise ValueError(f"decoding rules are one of {RULES}, got {rules!r}")
     if task in SPEECH_IN_TASKS and (encoder_states is None or encoder_lengths is None):

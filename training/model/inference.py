@@ -23,7 +23,16 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from training.model.decoding import RULES, Generated, Sampling, build_prompts, decode_steps, generate, read_codes
+from training.model.decoding import (
+    RULES,
+    Generated,
+    Sampling,
+    build_prompts,
+    check_task,
+    decode_steps,
+    generate,
+    read_codes,
+)
 from training.speech.audio import decode_audio, resample, wav_bytes
 from training.speech.layout import N_AUDIO_LAYERS, SPEECH_IN_TASKS, SPEECH_TASKS, n_encoder_frames, strip_text_answer
 from training.stages import TASKS
@@ -209,8 +218,7 @@ def speak(
     """
     from training.speech.codec import SAMPLING_RATE, decode_codes  # imports snac: only speech output needs it
 
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    check_task(task)
     if task in SPEECH_TASKS and wav_path is None and not stream:
         raise ValueError(f"task {task!r} answers with speech: pass wav_path")
     if stream and task not in SPEECH_TASKS:
