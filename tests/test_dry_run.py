@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import tiny_model
 from training.model import parameter_summary, set_trainable
-from training.model.dry_run import DryRun, DryRunError, build_meta_model, config_folder, dry_run
+from training.model.dry_run import DryRun, DryRunError, build_meta_model, config_folder, dry_run, format_dry_run
 from training.stages import MINI_OMNI, STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,3 +132,19 @@ def test_feature_cache_size_and_encoder_share_for_the_recipes_hours():
     assert f"({encoder / 1e9:,.0f} GFLOP of" in lines[2]  # 264 GFLOP a row
     shares = [int(line.split(" would be ")[1].split("%")[0]) for line in lines[2:]]
     assert len(shares) == 3 and all(5 < s < 30 for s in shares) and shares[0] > shares[2]  # asr trains least
+
+
+def test_token_budgets_per_profile(real):
+    """Less model state per GPU leaves room for more positions; a frozen LLM (asr) keeps less for
+    backward than a training one; a smaller GPU holds fewer."""
+    asr, second, final = real.stages
+    for rep in real.stages:
+        budgets = dict(zip([m.profile for m in rep.memory], rep.budgets))
+        assert 0 < budgets["ddp (no ZeRO)"] <= budgets["zero2"] <= budgets["zero3"] <= budgets["zero3+offload"]
+    assert asr.activations.per_position() < 0.8 * final.activations.per_position()
+    assert asr.budgets[1] > final.budgets[1]
+    smaller = dry_run(MINI_OMNI, ["final"], gpus_per_node=8, nodes=1, gpu_memory_gib=40)
+    assert 0 < smaller.stages[0].budgets[1] < final.budgets[1] / 2  # the states' share stays
+    text = format_dry_run(real)
+    assert "tokens_per_micro_batch" in text and f"{final.budgets[1]:>23,}" in text
+    assert "activations: " in text and "MiB per position" in text

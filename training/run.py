@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dry.add_argument(
         "--speech-hours", type=float, help="hours of speech to size the encoder-state cache for (default 1)"
     )
+    dry.add_argument(
+        "--gpu-memory", type=float, default=80.0, help="GiB per GPU to size token budgets for (default 80, an H100)"
+    )
     dry.add_argument("--text-tokens", type=int, help="typical answer length in tokens (default 3 per second of speech)")
     args = parser.parse_args(argv)
     if args.stage is None and not (args.dry_run or args.validate_data or args.prepare):
@@ -212,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         from training.model.dry_run import main_dry_run
 
         return main_dry_run(
-            recipe, args.stage or "all", args.gpus, args.nodes, args.speech_seconds, args.text_tokens, args.speech_hours
+            recipe,
+            args.stage or "all",
+            args.gpus,
+            args.nodes,
+            args.speech_seconds,
+            args.text_tokens,
+            args.speech_hours,
+            args.gpu_memory,
         )
 
     # Heavy imports only once the arguments are known to be good.

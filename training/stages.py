@@ -219,8 +219,12 @@ class Recipe:
     batch_size: int = 8  # GLOBAL rows per micro-step, split across processes (same run on 1 or N)
     # Micro-batches by positions instead (data/packing.py): up to this many per process and
     # micro-step, rows of similar length padded, or with `packing` all in one row, attention kept
-    # within each sample. None = batch_size rows.
-    tokens_per_micro_batch: int | None = None
+    # within each sample. None = batch_size rows. "auto": the most that fit the GPU's memory beside
+    # the model states (model/memory.py; the run prints its choice and the figures behind it).
+    tokens_per_micro_batch: int | str | None = None
+    # GiB per process that "auto" may fill with model states + activations; None = the GPU's own
+    # memory, 90 % of it less 1 GiB (a CPU run must give it)
+    device_memory_gib: float | None = None
     packing: bool = False
     attn_implementation: str = "sdpa"  # or "eager", or "flash_attention_2" (needs the flash-attn package)
     activation_checkpointing: bool = False  # recompute the LLM layers' activations in backward
@@ -272,8 +276,14 @@ class Recipe:
             )
         if self.packing and not self.tokens_per_micro_batch:
             raise RecipeError(f"recipe '{self.name}': packing needs tokens_per_micro_batch (positions per row)")
-        if self.tokens_per_micro_batch is not None and self.tokens_per_micro_batch < 1:
-            raise RecipeError(f"recipe '{self.name}': tokens_per_micro_batch must be >= 1 (or null)")
+        budget = self.tokens_per_micro_batch
+        if budget is not None and budget != "auto" and (not isinstance(budget, int) or budget < 1):
+            raise RecipeError(
+                f"recipe '{self.name}': tokens_per_micro_batch is a number of positions >= 1, \"auto\" or null; "
+                f"got {budget!r}"
+            )
+        if self.device_memory_gib is not None and not self.device_memory_gib > 0:
+            raise RecipeError(f"recipe '{self.name}': device_memory_gib must be > 0 (or null)")
         if self.frame_stack < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise RecipeError(f"recipe '{self.name}': frame_stack, batch_size, grad_accum must be >= 1")
         if (self.encoder is None) != (self.llm is None):

@@ -12,6 +12,7 @@ import torch
 from accelerate.utils import set_seed
 
 from training.engine.boundary import StageEvaluation, finish_stage
+from training.engine.budget import resolve_token_budget
 from training.engine.checkpoints import StageCheckpoints, recipe_fingerprint, verify_files
 from training.engine.context import REQUEUE_EXIT_CODE, Preempted, RunContext, StageOrderError
 from training.engine.faults import inject_fault
@@ -69,6 +70,7 @@ class StageRun:
             model.set_llm_options(recipe.attn_implementation, recipe.activation_checkpointing)
         except (ImportError, ValueError) as err:  # flash attention asked for, not installed or not supported
             raise RecipeError(f"attn_implementation '{recipe.attn_implementation}': {err}") from None
+        recipe = resolve_token_budget(acc, recipe, model, self.log)  # "auto" -> a number; else unchanged
         self.step_flops = StepFlops.of(model)  # counted on the whole model, before ZeRO-3 shards it
         self.peak_tflops = device_peak_tflops(acc.device)
         for module, (total, trainable) in parameter_summary(model).items():

@@ -10,16 +10,9 @@ Where the configs come from: a recipe's encoder / llm that is a local folder is 
 config.json; a hub id that is not a local folder falls back to the configs shipped under
 `configs/` (written from the published model configs), and the output says so.
 
-Memory: model states only (weights, gradients, optimizer state); activations, the CUDA context
-and allocator fragmentation come on top. DeepSpeed's own estimators
-(`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`) assume every
-parameter trains; they are applied to the parameters that reach the optimizer, and the frozen
-ones are added as bf16 weights (replicated under ZeRO-2, partitioned under ZeRO-3, on the CPU
-under ZeRO-3 + offload). Byte counts per trainable parameter, as DeepSpeed's estimators state
-them: ZeRO-2 2 (bf16 weights, every GPU) + 18 / N (bf16 + fp32 gradients, fp32 master weights,
-Adam moments); ZeRO-3 4 x the largest layer (gathered bf16 weights + gradients) + 18 / N. Plain
-DDP (no ZeRO, fp32 weights under bf16 autocast) keeps 4 bytes per parameter plus 12 per
-trainable one (fp32 gradient, Adam's two moments) on every GPU.
+Memory (model/memory.py): model states per profile from DeepSpeed's own estimators, activations
+measured on the CPU from one and two of the LLM's decoder layers, and from both the largest
+`tokens_per_micro_batch` that fits a GPU of `--gpu-memory` GiB under each profile.
 """
 
 from __future__ import annotations
@@ -35,6 +28,19 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from training.model import OmniConfig, OmniModel, grow_vocabulary, parameter_summary, set_trainable
+from training.model.memory import (
+    GIB,
+    RESERVED_BYTES,
+    USABLE_SHARE,
+    Activations,
+    Memory,
+    count,
+    largest_budget,
+    largest_layer,
+    measure_activations,
+    memory_per_gpu,
+    usable_bytes,
+)
 from training.speech.layout import VocabLayout, n_adapter_frames, n_encoder_frames
 from training.stages import MODULES, Recipe, StageSpec
 
@@ -44,7 +50,6 @@ SHIPPED_CONFIGS: dict[str, Path] = {
     "openai/whisper-small": CONFIGS_DIR / "whisper-small",
     "Qwen/Qwen2-0.5B": CONFIGS_DIR / "qwen2-0.5b",
 }
-GIB = 1024**3
 # Read speech runs at ~2.5 words/s, ~1.2 Qwen2 tokens per English word: ~3 text tokens per second.
 TEXT_TOKENS_PER_SECOND = 3.0
 ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 100 mel frames per second, halved by its strided conv
@@ -113,60 +118,6 @@ def build_meta_model(
     return model, pretrained_count
 
 
-def count(params) -> int:
-    """Parameters counted once each (a tied embedding/output weight is one tensor)."""
-    return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory per GPU
-
-
-@dataclass(frozen=True)
-class Memory:
-    """Bytes of model states under one profile."""
-
-    profile: str
-    weights: int  # per GPU
-    grads_optim: int  # per GPU: gradients + fp32 master weights + Adam moments
-    gathered: int  # per GPU: ZeRO-3's largest layer gathered whole
-    cpu_per_node: int
-
-    @property
-    def gpu_total(self) -> int:
-        return self.weights + self.grads_optim + self.gathered
-
-
-def largest_layer(model: torch.nn.Module) -> int:
-    """Most parameters any one module owns directly: what ZeRO-3 gathers at once (here the
-    181,120-row embedding)."""
-    return max(count(m.parameters(recurse=False)) for m in model.modules())
-
-
-def memory_per_gpu(trainable: int, frozen: int, largest: int, gpus_per_node: int, nodes: int) -> list[Memory]:
-    """Model-state memory per profile; see the module docstring for the byte counts."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    world = gpus_per_node * nodes
-    out = [Memory("ddp (no ZeRO)", 4 * (trainable + frozen), 12 * trainable, 0, 0)]
-    cpu2, gpu2 = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, cpu_offload=False)
-    out.append(Memory("zero2", 2 * (trainable + frozen), gpu2 - 2 * trainable, 0, cpu2))
-    # zero_init=False: the loop loads whole weights and lets prepare() shard them (outside_zero3_init)
-    cpu3, gpu3, gathered = estimate_zero3_model_states_mem_needs(
-        trainable, largest, gpus_per_node, nodes, cpu_offload=False, cpu_offload_params=False, zero_init=False
-    )
-    shard = gpu3 - gathered  # DeepSpeed's 18 bytes / N per trainable parameter
-    out.append(
-        Memory("zero3", 2 * frozen // world + 2 * trainable // world, shard - 2 * trainable // world, gathered, cpu3)
-    )
-    cpu_off, gpu_off, gathered_off = estimate_zero3_model_states_mem_needs(
-        trainable, largest, gpus_per_node, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=False
-    )
-    out.append(Memory("zero3+offload", 0, gpu_off - gathered_off, gathered_off, cpu_off + 2 * frozen // nodes))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The report
 
@@ -176,6 +127,8 @@ class StageReport:
     stage: StageSpec
     modules: dict[str, tuple[int, int, int]]  # module -> (total, trainable, in optimizer)
     memory: list[Memory]
+    activations: Activations | None = None
+    budgets: tuple[int, ...] = ()  # per profile, in memory's order: the largest tokens_per_micro_batch
 
     @property
     def in_optimizer(self) -> int:
@@ -200,6 +153,8 @@ class DryRun:
     encoder_positions: int = 0  # the encoder's window: it runs on every clip padded to it
     encoder_width: int = 0
     speech_hours: float = 1.0
+    gpu_memory_gib: float = 80.0
+    longest_row: int = 0  # positions of a row of the encoder's whole window (padded rows' worst case)
 
     @property
     def world(self) -> int:
@@ -217,6 +172,31 @@ def sequence_length(seconds: float, text_tokens: int, frame_stack: int, sampling
     return n_adapter_frames(frames, frame_stack) + PROMPT_EXTRA + text_tokens + ANSWER_EXTRA
 
 
+def longest_row(max_frames: int, frame_stack: int, sampling_rate: int = 16_000) -> int:
+    """Positions of a row whose speech fills the encoder's whole window (30 s for Whisper)."""
+    seconds = max_frames / ENCODER_FRAMES_PER_SECOND
+    return sequence_length(seconds, round(TEXT_TOKENS_PER_SECOND * seconds), frame_stack, sampling_rate, max_frames)
+
+
+def stage_budgets(
+    recipe: Recipe, spec: StageSpec, llm_config, memory: list[Memory], device_bytes: int, row: int
+) -> tuple[Activations, tuple[int, ...]]:
+    """Activations measured for this stage's settings, and per profile the largest token budget."""
+    activations = measure_activations(
+        llm_config,
+        recipe.attn_implementation,
+        recipe.activation_checkpointing,
+        layers_train="llm" in spec.trainable,
+        packed=recipe.packing,
+        loss_chunk_mb=recipe.loss_chunk_mb,
+        text_width=VocabLayout(text_vocab=llm_config.vocab_size).stream_slices()[0][1],
+    )
+    rows = None if recipe.packing else row
+    return activations, tuple(
+        largest_budget(usable_bytes(device_bytes), m.gpu_total, activations, rows) for m in memory
+    )
+
+
 def dry_run(
     recipe: Recipe,
     stage_names: Sequence[str],
@@ -225,6 +205,7 @@ def dry_run(
     speech_seconds: float | None = None,
     text_tokens: int | None = None,
     speech_hours: float | None = None,
+    gpu_memory_gib: float = 80.0,
 ) -> DryRun:
     if recipe.encoder is None or recipe.llm is None:
         raise DryRunError(
@@ -234,6 +215,8 @@ def dry_run(
         )
     if gpus_per_node < 1 or nodes < 1:
         raise DryRunError(f"--gpus and --nodes must be >= 1, got {gpus_per_node}, {nodes}")
+    if not gpu_memory_gib > 0:
+        raise DryRunError(f"--gpu-memory must be > 0 GiB, got {gpu_memory_gib}")
     encoder_dir, encoder_line = config_folder(recipe.encoder, "encoder")
     llm_dir, llm_line = config_folder(recipe.llm, "llm")
     model, pretrained = build_meta_model(
@@ -245,6 +228,8 @@ def dry_run(
     max_frames = model.encoder.config.max_source_positions
     seq_len = sequence_length(seconds, tokens, recipe.frame_stack, sampling_rate, max_frames)
     largest = largest_layer(model)
+    row = longest_row(max_frames, recipe.frame_stack, sampling_rate)
+    llm_config = Qwen2Config(**_read_config(llm_dir, "qwen2"))
     reports = []
     for name in stage_names:
         spec = recipe.stage(name)
@@ -255,7 +240,9 @@ def dry_run(
         }
         in_opt = sum(v[2] for v in modules.values())
         frozen = count(model.parameters()) - in_opt
-        reports.append(StageReport(spec, modules, memory_per_gpu(in_opt, frozen, largest, gpus_per_node, nodes)))
+        memory = memory_per_gpu(in_opt, frozen, largest, gpus_per_node, nodes)
+        activations, budgets = stage_budgets(recipe, spec, llm_config, memory, int(gpu_memory_gib * GIB), row)
+        reports.append(StageReport(spec, modules, memory, activations, budgets))
     return DryRun(
         recipe=recipe,
         sources=[encoder_line, llm_line],
@@ -273,6 +260,8 @@ def dry_run(
         encoder_positions=max_frames,
         encoder_width=model.encoder.config.d_model,
         speech_hours=speech_hours if speech_hours is not None else 1.0,
+        gpu_memory_gib=gpu_memory_gib,
+        longest_row=row,
     )
 
 
@@ -328,24 +317,44 @@ def format_dry_run(result: DryRun) -> str:
             f"  {'all':<8} {sum(v[0] for v in rep.modules.values()):>13,} "
             f"{sum(v[1] for v in rep.modules.values()):>13,} {rep.in_optimizer:>13,}"
         )
-        lines.append(f"  model-state memory, GiB ({result.world} GPUs; activations not included)")
+        lines.append(
+            f"  model-state memory, GiB ({result.world} GPUs), and the most positions per micro-batch that fit "
+            f"beside them on a {result.gpu_memory_gib:g} GiB GPU (--gpu-memory)"
+        )
         lines.append(
             f"  {'profile':<14} {'weights':>8} {'grad+optim':>11} {'gathered':>9} {'GPU total':>10} {'CPU/node':>9}"
+            f" {'tokens_per_micro_batch':>23}"
         )
-        for mem in rep.memory:
+        for mem, budget in zip(rep.memory, rep.budgets or (None,) * len(rep.memory)):
             lines.append(
                 f"  {mem.profile:<14} {_gib(mem.weights):>8} {_gib(mem.grads_optim):>11} {_gib(mem.gathered):>9} "
-                f"{_gib(mem.gpu_total):>10} {_gib(mem.cpu_per_node):>9}"
+                f"{_gib(mem.gpu_total):>10} {_gib(mem.cpu_per_node):>9} "
+                + (f"{budget:>23,}" if budget else f"{'does not fit' if budget == 0 else '-':>23}")
             )
+        if rep.activations is not None:
+            lines.append(format_activations(result, rep.activations))
     lines += ["", *format_data_cost(result)]
     lines += [
         "",
         "'in optimizer' counts whole tensors that get gradients: with train_text_specials the full embedding "
         "(and output) tensor reaches Adam although a gradient mask leaves all but 64 rows unchanged.",
         "Memory: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs on the parameters in the optimizer, "
-        "plus frozen weights in bf16 (ddp: fp32 weights + 12 bytes per trainable parameter).",
+        "plus frozen weights in bf16 (ddp: fp32 weights + 12 bytes per trainable parameter). Token budgets: "
+        f"{USABLE_SHARE:.0%} of the GPU less {RESERVED_BYTES / GIB:g} GiB (CUDA context, fragmentation) for model "
+        "states + activations (model/memory.py); `tokens_per_micro_batch: auto` makes the same choice at run time.",
     ]
     return "\n".join(lines)
+
+
+def format_activations(result: DryRun, activations: Activations) -> str:
+    r = result.recipe
+    kernel = r.attn_implementation + (", checkpointed" if r.activation_checkpointing else "")
+    rows = "packed rows" if r.packing else f"padded rows of up to {result.longest_row:,} positions"
+    return (
+        f"  activations: {activations.per_position() / 2**20:.2f} MiB per position ({kernel}, bf16, {rows}; "
+        f"measured on the CPU from this LLM's decoder layers) + {activations.loss_bytes(2**30) / 2**20:,.0f} MiB "
+        f"for the loss (loss_chunk_mb {r.loss_chunk_mb:g})"
+    )
 
 
 def format_data_cost(result: DryRun) -> list[str]:
@@ -382,6 +391,7 @@ def main_dry_run(
     speech_seconds: float | None,
     text_tokens: int | None,
     speech_hours: float | None = None,
+    gpu_memory_gib: float = 80.0,
 ) -> int:
     """run.py's --dry-run branch: print the report; exit code 0, or 2 on a config problem."""
     from training.stages import STAGE_NAMES
@@ -395,6 +405,7 @@ def main_dry_run(
             speech_seconds,
             text_tokens,
             speech_hours,
+            gpu_memory_gib,
         )
     except DryRunError as err:
         print(f"error: {err}", file=sys.stderr)
