@@ -74,6 +74,7 @@ def resolve_token_budget(acc: Accelerator, recipe: Recipe, model: OmniModel, log
         dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
         loss_chunk_mb=recipe.loss_chunk_mb,
         text_width=model.layout.stream_slices()[0][1],
+        head_trains=model.llm.lm_head.weight.requires_grad,
     )
     row = None if recipe.packing else longest_row(model.encoder.config.max_source_positions, model.config.frame_stack)
     budget = largest_budget(capacity, states.gpu_total, activations, row)

@@ -179,7 +179,7 @@ def longest_row(max_frames: int, frame_stack: int, sampling_rate: int = 16_000) 
 
 
 def stage_budgets(
-    recipe: Recipe, spec: StageSpec, llm_config, memory: list[Memory], device_bytes: int, row: int
+    recipe: Recipe, spec: StageSpec, llm_config, memory: list[Memory], device_bytes: int, row: int, head_trains: bool
 ) -> tuple[Activations, tuple[int, ...]]:
     """Activations measured for this stage's settings, and per profile the largest token budget."""
     activations = measure_activations(
@@ -190,6 +190,7 @@ def stage_budgets(
         packed=recipe.packing,
         loss_chunk_mb=recipe.loss_chunk_mb,
         text_width=VocabLayout(text_vocab=llm_config.vocab_size).stream_slices()[0][1],
+        head_trains=head_trains,
     )
     rows = None if recipe.packing else row
     return activations, tuple(
@@ -241,7 +242,9 @@ def dry_run(
         in_opt = sum(v[2] for v in modules.values())
         frozen = count(model.parameters()) - in_opt
         memory = memory_per_gpu(in_opt, frozen, largest, gpus_per_node, nodes)
-        activations, budgets = stage_budgets(recipe, spec, llm_config, memory, int(gpu_memory_gib * GIB), row)
+        activations, budgets = stage_budgets(
+            recipe, spec, llm_config, memory, int(gpu_memory_gib * GIB), row, model.llm.lm_head.weight.requires_grad
+        )
         reports.append(StageReport(spec, modules, memory, activations, budgets))
     return DryRun(
         recipe=recipe,

@@ -113,6 +113,9 @@ class Activations:
     checkpointing: bool
     loss_width: int  # the widest vocabulary slice the loss projects onto (the text stream's)
     loss_chunk: int  # positions per loss chunk; 0 = all at once
+    # the output slice's weight gradient, made whole before it is added to the layer's (width x
+    # hidden values of the training dtype); 0 where the output layer is frozen
+    head_gradient: int = 0
 
     def bytes(self, positions: int, row_length: int) -> int:
         """Peak activation bytes for `positions` in rows of at most `row_length` (packed: one row):
@@ -132,9 +135,10 @@ class Activations:
 
     def loss_bytes(self, positions: int) -> int:
         """The loss's largest transient: one chunk's fp32 logits, their gradient and the
-        projection's bf16 output (2.5 x the chunk's logits), every position labelled at worst."""
+        projection's bf16 output (2.5 x the chunk's logits), every position labelled at worst, and
+        the output slice's weight gradient."""
         chunk = min(self.loss_chunk or positions, positions)
-        return int(2.5 * 4 * self.loss_width * chunk)
+        return int(2.5 * 4 * self.loss_width * chunk) + self.head_gradient
 
     def per_position(self) -> float:
         """Bytes per position, the linear part only (what the log and the dry run print)."""
@@ -150,9 +154,11 @@ def measure_activations(
     dtype: torch.dtype = torch.bfloat16,
     loss_chunk_mb: float = 256.0,
     text_width: int | None = None,
+    head_trains: bool = True,
 ) -> Activations:
     """Activations of this LLM's decoder layers, measured on the CPU (see the module docstring).
-    `text_width`: the text stream's vocabulary slice (the widest the loss projects onto)."""
+    `text_width`: the text stream's vocabulary slice (the widest the loss projects onto);
+    `head_trains`: whether the output layer gets gradients (it does with train_text_specials too)."""
     key = json.dumps(llm_config.to_dict(), sort_keys=True, default=str)
     attn = FLASH_STAND_IN if attn_implementation == "flash_attention_2" else attn_implementation
     kept = _layer_bytes(key, attn, checkpointing, layers_train, packed, str(dtype))
@@ -168,6 +174,7 @@ def measure_activations(
         checkpointing=checkpointing,
         loss_width=width,
         loss_chunk=chunk_positions(loss_chunk_mb, width),
+        head_gradient=width * llm_config.hidden_size * dtype.itemsize if head_trains else 0,
     )
 
 
@@ -204,8 +211,9 @@ def _kept_bytes(
 ) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**copy.deepcopy(raw))
-    config.num_hidden_layers = layers
+    raw = copy.deepcopy(raw)
+    raw.pop("layer_types", None)  # one per layer: rebuilt for the depth measured
+    config = AutoConfig.for_model(**(raw | {"num_hidden_layers": layers}))
     config.vocab_size = 64  # the embedding plays no part: the input comes as embeddings
     torch_dtype = getattr(torch, dtype.removeprefix("torch."))
     generator_state = torch.random.get_rng_state()
