@@ -9,7 +9,9 @@ given length. Prints steps/s, tokens/s (all 8-stream positions), model TFLOP/s a
 The recipe's speed knobs, to compare on one warm machine: `--packed` (each process's rows end to
 end in one row, as `packing: true` lays them out), `--attn {sdpa,eager,flash_attention_2}`,
 `--checkpointing` (activation checkpointing of the LLM's layers), `--loss-chunk-mb` (0 = all
-logits at once).
+logits at once), `--compile BACKEND` (torch.compile of the LLM's layers, e.g. inductor). It also
+prints the memory estimate `tokens_per_micro_batch: auto` would use (model/memory.py) beside the
+measured peak, so each GPU run calibrates it.
 
     accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/zero2.json \
         --num_processes 1 --mixed_precision bf16 benchmarks/stage_steps.py --stage final
@@ -20,6 +22,7 @@ On CPU, `--tiny` swaps in small configs so the script itself can be checked quic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from training.data.batching import SpeechTextCollator  # noqa: E402
+from training.engine.budget import step_estimate  # noqa: E402
 from training.engine.launch import make_accelerator  # noqa: E402
 from training.engine.mfu import StepFlops, device_peak_tflops, throughput  # noqa: E402
 from training.model import build_model, model_inputs, optimizer_groups, parameter_summary, set_trainable  # noqa: E402
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the LLM")
     parser.add_argument("--loss-chunk-mb", type=float, default=MINI_OMNI.loss_chunk_mb)
+    parser.add_argument("--compile", default=None, help="torch.compile backend for the LLM's layers (inductor)")
     args = parser.parse_args()
 
     accelerator = make_accelerator(MINI_OMNI)
@@ -106,7 +111,15 @@ def main() -> None:
         model, _, _ = build_model(*paths, frame_stack=MINI_OMNI.frame_stack)
     set_trainable(model, spec.trainable, spec.train_text_specials)
     model.loss_chunk_mb = args.loss_chunk_mb
-    model.set_llm_options(args.attn, args.checkpointing)
+    model.set_llm_options(args.attn, args.checkpointing, args.compile)
+    knobs = dataclasses.replace(
+        MINI_OMNI,
+        attn_implementation=args.attn,
+        activation_checkpointing=args.checkpointing,
+        packing=args.packed,
+        loss_chunk_mb=args.loss_chunk_mb,
+    )
+    states, activations = step_estimate(accelerator, knobs, model)
     step_flops = StepFlops.of(model)  # before ZeRO-3 shards it
     summary = parameter_summary(model)
     optimizer = torch.optim.AdamW(
@@ -143,6 +156,7 @@ def main() -> None:
     else:
         device_batches = list(loader)
     positions = device_batches[0]["input_ids"].shape[-1] * device_batches[0]["input_ids"].shape[0]
+    row_length = device_batches[0]["input_ids"].shape[-1]
     labels = device_batches[0]["labels"][:, :, 1:]
     stream_tokens = [float((labels[:, s] != IGNORE).sum()) for s in range(labels.shape[1])]
     speech_positions = float(device_batches[0]["audio_mask"].sum())
@@ -174,6 +188,7 @@ def main() -> None:
         "packed": args.packed,
         "attn": args.attn,
         "checkpointing": args.checkpointing,
+        "compile": args.compile,
         "loss_chunk_mb": args.loss_chunk_mb,
         "positions_per_sample": positions // args.batch_size,
         "step_seconds_median": seconds,
@@ -181,6 +196,8 @@ def main() -> None:
         "model_tflops_per_s_per_process": rates["model_tflops_per_s"],
         "mfu": rates.get("mfu"),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "estimated_peak_gib": (states.gpu_total + activations.bytes(positions, row_length)) / 2**30,
+        "estimate_profile": states.profile,
         "last_loss": loss,
     }
     if accelerator.is_main_process:

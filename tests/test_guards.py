@@ -66,10 +66,16 @@ def test_launch_checks_name_the_knob(quick_recipe):
     deepspeed = SimpleNamespace(
         num_processes=2,
         distributed_type=DistributedType.DEEPSPEED,
-        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)),
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config, zero_stage=3)),
     )
     with pytest.raises(RecipeError, match="gradient_clipping 0.5, the recipe max_grad_norm 1.0"):
         check_launch(deepspeed, recipe)
     config["gradient_clipping"] = "auto"
     check_launch(deepspeed, recipe)
     assert config["gradient_clipping"] == recipe.max_grad_norm
+    # compiled layers under ZeRO-3 recompile until torch gives up: refused, ZeRO-2 allowed
+    compiled = dataclasses.replace(recipe, torch_compile=True)
+    with pytest.raises(RecipeError, match="torch_compile does not work with ZeRO-3"):
+        check_launch(deepspeed, compiled)
+    deepspeed.state.deepspeed_plugin.zero_stage = 2
+    check_launch(deepspeed, compiled)

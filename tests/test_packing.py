@@ -191,3 +191,60 @@ def test_activation_checkpointing_and_eager_attention_keep_loss_and_gradients(ti
         torch.testing.assert_close(other_loss, loss, rtol=0, atol=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(other_grads[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_layers_keep_loss_and_gradients(tiny, backend):
+    """`torch_compile`: the LLM's decoder layers compiled give the eager loss and gradients, for a
+    packed batch and padded batches of two lengths (dynamic shapes), and decoding runs them eager
+    (its cached steps' shapes would otherwise recompile the layers until torch gives up)."""
+    import copy
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    from training.model.inference import generate
+
+    if backend == "inductor" and shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    model, tokenizer = tiny
+    rows = _rows(model, tokenizer)
+    layout, k = model.layout, model.config.frame_stack
+    batches = [
+        model_inputs(SpeechTextCollator(layout, k, packed=True)(rows)),
+        model_inputs(SpeechTextCollator(layout, k)(rows)),
+        model_inputs(SpeechTextCollator(layout, k)(rows[:3])),
+    ]
+    compiled = copy.deepcopy(model)
+    compiled.set_llm_options("sdpa", False, backend)
+    torch._dynamo.reset()
+    counters.clear()
+    for batch in batches:
+        results = []
+        for m in (model, compiled):
+            m.train()
+            m.zero_grad()
+            out = m(**batch)
+            out["loss"].backward()
+            results.append(
+                (out["loss"].detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+            )
+        (loss, grads), (compiled_loss, compiled_grads) = results
+        torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=1e-5)
+        assert compiled_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(
+                compiled_grads[name], grad, rtol=0, atol=1e-5 * float(grad.abs().max()), msg=name
+            )
+    graphs = counters["stats"]["unique_graphs"]
+    # the layers ran compiled, and both layers share their code: one graph for the first shape and
+    # one with dynamic shapes after it (per layer and per shape would be 4 or more)
+    assert 1 <= graphs <= 2
+    compiled.eval()
+    states, lengths = batches[1]["encoder_states"], batches[1]["encoder_lengths"]
+    ours = generate(compiled, "asr", encoder_states=states, encoder_lengths=lengths, max_new_tokens=6)
+    assert counters["stats"]["unique_graphs"] == graphs  # decoding compiled nothing
+    model.eval()
+    assert [g.text_ids for g in ours] == [
+        g.text_ids for g in generate(model, "asr", encoder_states=states, encoder_lengths=lengths, max_new_tokens=6)
+    ]

@@ -67,11 +67,27 @@ def test_recipe_file_overrides_and_types(tmp_path):
         ({"batch_sise": 8}, "unknown field 'batch_sise'"),
         ({"data": {"audio_column": 3}}, "data.audio_column: expected str"),
         ({"stages": {"second": {"trainable": ["encoder"]}}}, "trainable must be"),
+        ({"tokens_per_micro_batch": "lots"}, "tokens_per_micro_batch is a number of positions >= 1"),
+        ({"tokens_per_micro_batch": 0}, "tokens_per_micro_batch is a number of positions >= 1"),
+        ({"device_memory_gib": 0}, "device_memory_gib must be > 0"),
+        ({"torch_compile": 3}, "torch_compile"),
     ]
     for raw, message in cases:
         path.write_text(json.dumps(raw))
         with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):
             load_recipe(str(path))
+
+
+def test_speed_knobs_read_from_a_file(tmp_path):
+    path = tmp_path / "r.json"
+    for raw, budget, backend in (
+        ({}, None, None),
+        ({"tokens_per_micro_batch": "auto", "torch_compile": True}, "auto", "inductor"),
+        ({"tokens_per_micro_batch": 4096, "torch_compile": "aot_eager"}, 4096, "aot_eager"),
+    ):
+        path.write_text(json.dumps({"base": "demo", **raw}))
+        recipe = load_recipe(str(path))
+        assert (recipe.tokens_per_micro_batch, recipe.compile_backend) == (budget, backend)
 
 
 def test_unknown_recipe_is_named():

@@ -228,6 +228,8 @@ class Recipe:
     packing: bool = False
     attn_implementation: str = "sdpa"  # or "eager", or "flash_attention_2" (needs the flash-attn package)
     activation_checkpointing: bool = False  # recompute the LLM layers' activations in backward
+    # torch.compile of each LLM decoder layer: false, true (= "inductor"), or a backend's name
+    torch_compile: bool | str = False
     grad_accum: int = 1
     precision: str = "auto"  # "auto": bf16 on a GPU that has it, else fp32; or "bf16" / "fp32"
     nonfinite_patience: int = 5  # a non-finite loss skips the step; this many in a row stop the run
@@ -276,6 +278,11 @@ class Recipe:
             )
         if self.packing and not self.tokens_per_micro_batch:
             raise RecipeError(f"recipe '{self.name}': packing needs tokens_per_micro_batch (positions per row)")
+        if not isinstance(self.torch_compile, (bool, str)) or self.torch_compile == "":
+            raise RecipeError(
+                f"recipe '{self.name}': torch_compile is false, true or a backend name (\"inductor\"), "
+                f"got {self.torch_compile!r}"
+            )
         budget = self.tokens_per_micro_batch
         if budget is not None and budget != "auto" and (not isinstance(budget, int) or budget < 1):
             raise RecipeError(
@@ -300,6 +307,13 @@ class Recipe:
             raise RecipeError(
                 f"recipe '{self.name}': standin_scale is 'full', 'quick' or 'tiny'; corpus_scale 'full' or 'quick'"
             )
+
+    @property
+    def compile_backend(self) -> str | None:
+        """torch.compile's backend for the LLM layers, or None (not compiled)."""
+        if self.torch_compile is True:
+            return "inductor"
+        return self.torch_compile or None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -19,6 +19,8 @@ from training.model import OmniModel
 from training.model.dry_run import longest_row
 from training.model.memory import (
     GIB,
+    Activations,
+    Memory,
     count,
     largest_budget,
     largest_layer,
@@ -54,17 +56,14 @@ def device_capacity(acc: Accelerator, recipe: Recipe) -> tuple[int, str]:
     return usable_bytes(total), f"{name}: {total / GIB:.1f} GiB, 90 % less 1 GiB"
 
 
-def resolve_token_budget(acc: Accelerator, recipe: Recipe, model: OmniModel, log: Callable[[str], None]) -> Recipe:
-    """The recipe with "auto" replaced by the chosen number (any other recipe unchanged)."""
-    if recipe.tokens_per_micro_batch != "auto":
-        return recipe
-    capacity, source = device_capacity(acc, recipe)
-    profile = zero_profile(acc)
+def step_estimate(acc: Accelerator, recipe: Recipe, model: OmniModel) -> tuple[Memory, Activations]:
+    """This process's model states under the launch's profile, and the activations of the model as
+    this stage trains it with the recipe's knobs (before accelerate.prepare)."""
     trainable = count(p for p in model.parameters() if p.requires_grad)
     frozen = count(model.parameters()) - trainable
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
     nodes = max(1, acc.num_processes // per_node)
-    states = {m.profile: m for m in memory_per_gpu(trainable, frozen, largest_layer(model), per_node, nodes)}[profile]
+    states = {m.profile: m for m in memory_per_gpu(trainable, frozen, largest_layer(model), per_node, nodes)}
     activations = measure_activations(
         model.llm.config,
         recipe.attn_implementation,
@@ -76,13 +75,22 @@ def resolve_token_budget(acc: Accelerator, recipe: Recipe, model: OmniModel, log
         text_width=model.layout.stream_slices()[0][1],
         head_trains=model.llm.lm_head.weight.requires_grad,
     )
+    return states[zero_profile(acc)], activations
+
+
+def resolve_token_budget(acc: Accelerator, recipe: Recipe, model: OmniModel, log: Callable[[str], None]) -> Recipe:
+    """The recipe with "auto" replaced by the chosen number (any other recipe unchanged)."""
+    if recipe.tokens_per_micro_batch != "auto":
+        return recipe
+    capacity, source = device_capacity(acc, recipe)
+    states, activations = step_estimate(acc, recipe, model)
     row = None if recipe.packing else longest_row(model.encoder.config.max_source_positions, model.config.frame_stack)
     budget = largest_budget(capacity, states.gpu_total, activations, row)
     figures = (
         f"{capacity / GIB:.2f} GiB to fill ({source}): model states {states.gpu_total / GIB:.2f} GiB "
-        f"({profile}, {acc.num_processes} process(es)), activations {activations.per_position() / 2**20:.3f} MiB "
-        f"per position (measured on this model's layers) + up to {activations.loss_bytes(2**30) / 2**20:.0f} MiB "
-        "for the loss"
+        f"({states.profile}, {acc.num_processes} process(es)), activations {activations.per_position() / 2**20:.3f} "
+        f"MiB per position (measured on this model's layers) + up to {activations.loss_bytes(2**30) / 2**20:.0f} "
+        "MiB for the loss"
     )
     if budget == 0:
         raise RecipeError(f"tokens_per_micro_batch 'auto': not even one micro-batch fits; {figures}")

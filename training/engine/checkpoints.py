@@ -221,6 +221,7 @@ def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
     fields.pop("loss_chunk_mb")  # memory only (and fp32 round-off)
     fields.pop("attn_implementation")  # the same attention by another kernel (round-off)
     fields.pop("activation_checkpointing")  # memory and time only
+    fields.pop("torch_compile")  # the same layers as fused kernels (round-off)
     fields.pop("device_memory_gib")  # what it chose (tokens_per_micro_batch, resolved) is compared
     fields["data"].pop("speech_judge")  # who listens at the boundary changes no training
     fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))

@@ -81,3 +81,10 @@ def check_launch(acc: Accelerator, recipe: Recipe) -> None:
                 f"DeepSpeed config sets gradient_clipping {clip}, the recipe max_grad_norm "
                 f'{recipe.max_grad_norm}: set it to "auto" in the JSON'
             )
+        if recipe.compile_backend and plugin.zero_stage == 3:
+            # measured on 2 CPU processes: ZeRO-3's gather/partition hooks around each layer recompile
+            # it until torch gives up (recompile_limit), and the layers then run uncompiled anyway
+            raise RecipeError(
+                f"recipe '{recipe.name}': torch_compile does not work with ZeRO-3 (its parameter hooks recompile "
+                "every layer); use a ZeRO-2 or DDP profile, or set torch_compile: false"
+            )

@@ -66,10 +66,15 @@ class StageRun:
         model, self.tokenizer, self.feature_extractor = make_model(ctx, self.source)
         set_trainable(model, spec.trainable, spec.train_text_specials)
         model.loss_chunk_mb = recipe.loss_chunk_mb
+        backend = recipe.compile_backend
+        if backend and backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise RecipeError(f"torch_compile '{backend}': not a torch.compile backend (e.g. 'inductor')")
         try:
-            model.set_llm_options(recipe.attn_implementation, recipe.activation_checkpointing)
+            model.set_llm_options(recipe.attn_implementation, recipe.activation_checkpointing, backend)
         except (ImportError, ValueError) as err:  # flash attention asked for, not installed or not supported
             raise RecipeError(f"attn_implementation '{recipe.attn_implementation}': {err}") from None
+        if backend:
+            self.log(f"LLM decoder layers compiled by torch.compile (backend {backend}, dynamic shapes)")
         recipe = resolve_token_budget(acc, recipe, model, self.log)  # "auto" -> a number; else unchanged
         self.step_flops = StepFlops.of(model)  # counted on the whole model, before ZeRO-3 shards it
         self.peak_tflops = device_peak_tflops(acc.device)

@@ -254,7 +254,10 @@ def decode_steps(
     input_ids, attention, audio_mask = input_ids.to(device), attention.to(device), audio_mask.to(device)
     x = model.embed(input_ids, audio_mask, encoder_states if speech_in else None, encoder_lengths)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # padded rows start at position 0 like unpadded ones
-    out = model.llm.model(inputs_embeds=x, attention_mask=attention, position_ids=positions, use_cache=True)
+    # layers compiled for training (recipe torch_compile) run eager here: each cached step's new
+    # shapes would recompile them until torch gives up, and training then runs uncompiled
+    with torch.compiler.set_stance("force_eager"):
+        out = model.llm.model(inputs_embeds=x, attention_mask=attention, position_ids=positions, use_cache=True)
     cache, last = out.cache, out.last_hidden_state[:, -1]
 
     filler = pad_token_column(layout).to(device)  # pad_a on every audio layer, pad_t on text
@@ -299,9 +302,10 @@ def decode_steps(
         step_x = model.embed(column[:, :, None], no_speech, None, None)  # [B, 1, d]: the training embedding
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
-        out = model.llm.model(
-            inputs_embeds=step_x, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
-        )
+        with torch.compiler.set_stance("force_eager"):
+            out = model.llm.model(
+                inputs_embeds=step_x, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+            )
         cache, last = out.cache, out.last_hidden_state[:, -1]
 
 

@@ -221,13 +221,21 @@ class OmniModel(nn.Module):
             "row_judged": row_judged,
         }
 
-    def set_llm_options(self, attn_implementation: str, activation_checkpointing: bool) -> None:
+    def set_llm_options(
+        self, attn_implementation: str, activation_checkpointing: bool, compile_backend: str | None = None
+    ) -> None:
         """The LLM's attention kernel ("sdpa", "eager", or "flash_attention_2" where the flash-attn
-        package is installed: variable-length attention over packed rows) and activation
-        checkpointing of its decoder layers (recomputed in backward: less memory, ~1/3 more compute)."""
+        package is installed: variable-length attention over packed rows), activation
+        checkpointing of its decoder layers (recomputed in backward: less memory, ~1/3 more compute),
+        and torch.compile of each decoder layer with `compile_backend` ("inductor": fused kernels;
+        shapes marked dynamic, since token-budget micro-batches vary in length). The layers share one
+        compiled graph (parameters are graph inputs); the embedding, the loss and the rest stay eager."""
         self.llm.set_attn_implementation(attn_implementation)
         if activation_checkpointing:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile_backend:
+            for layer in self.llm.model.layers:
+                layer.compile(backend=compile_backend, dynamic=True)
 
     @property
     def head_is_sharded(self) -> bool:
