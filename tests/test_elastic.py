@@ -67,3 +67,26 @@ def test_resume_on_another_number_of_processes(profile, recipe, cache_dir, tmp_p
     if zero:
         assert "model and optimizer state re-partitioned over 2 process(es)" in finished["output"]
     assert_same_losses(finished["losses"], single_process_run["losses"], STEPS, TOLERANCE)
+
+
+def _tokens_by_step(out) -> dict[int, float]:
+    """Each step's real positions (global), the latest run's where a resume re-did a step."""
+    lines = (out / "asr" / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["tokens"] for m in map(json.loads, lines)}
+
+
+def test_token_budget_resume_on_another_number_of_processes(recipe, cache_dir, tmp_path):
+    """With a token budget each process reads micro-batches of its own, and the data position counts
+    global ones: checkpointed by 1 process after 3 micro-batches and resumed on 2, the two go on
+    from the 4th, two per step (not from the 3rd, as a per-process skip of 3 // 2 would). Seen
+    through each step's real positions against one uninterrupted process's."""
+    budget = recipe_variant(recipe, tmp_path / "budget.json", tokens_per_micro_batch=512, packing=True)
+    run_profile("cpu.yaml", budget, cache_dir, tmp_path / "alone", 9)
+    one = _tokens_by_step(tmp_path / "alone")  # step k read micro-batch k (counting from 1)
+    assert len(set(one.values())) > 3  # micro-batches of different sizes: the comparison can tell them apart
+    _crash_after(4, "cpu_ddp.yaml", 1, budget, cache_dir, tmp_path / "elastic")
+    resumed = run_profile("cpu_ddp.yaml", budget, cache_dir, tmp_path / "elastic", STEPS, processes=2)
+    assert "of 1 process(es) on 2" in resumed["output"] and "at step 3" in resumed["output"]
+    after = _tokens_by_step(tmp_path / "elastic")
+    assert [after[s] for s in (1, 2, 3)] == [one[1], one[2], one[3]]
+    assert [after[s] for s in (4, 5, 6)] == [one[4] + one[5], one[6] + one[7], one[8] + one[9]]

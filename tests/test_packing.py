@@ -113,6 +113,35 @@ def test_token_budget_micro_batches_never_exceed_the_budget(packed):
             assert lengths[seen].sum() / (budget * n_batches) > 0.97
 
 
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_budget_resume_on_another_number_of_processes(before, after):
+    """A checkpoint's data position counts global micro-batches: resumed on another number of
+    processes, the epoch goes on from the very next one, none read twice or skipped (but the
+    trimmed tail), and the processes take equal numbers of steps."""
+    lengths = _librispeech_like(1_000)
+
+    def samplers(processes):
+        out = [TokenBudgetSampler(lengths, 2_048, 7, True, processes, rank) for rank in range(processes)]
+        for sampler in out:
+            sampler.set_epoch(1)
+        return out
+
+    plan = samplers(1)[0].micro_batches()
+    read = before * 5  # 5 steps on `before` processes
+    first = [list(s)[:5] for s in samplers(before)]
+    resumed = samplers(after)
+    for sampler in resumed:
+        sampler.resume_at(read)
+        sampler.set_epoch(1)  # as Accelerate re-sets the epoch at each iteration: the position stays
+    rest = [list(s) for s in resumed]
+    assert len({len(r) for r in rest}) == 1 and all(len(r) == len(s) for r, s in zip(rest, resumed))
+    # global order: step by step, rank by rank
+    order = [b for step in zip(*first) for b in step] + [b for step in zip(*rest) for b in step]
+    assert order == plan[: len(order)] and len(plan) - len(order) < after
+    resumed[0].set_epoch(2)  # a new epoch starts from its beginning
+    assert resumed[0].start == 0
+
+
 def test_too_long_item_is_named():
     with pytest.raises(ValueError, match="training item 2 has 900 positions, more than data.tokens_per_micro_batch"):
         TokenBudgetSampler([10, 20, 900], 512, seed=0, packed=True)

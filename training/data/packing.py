@@ -14,9 +14,10 @@ memory use is the same in every step:
 Every epoch the sampler draws a permutation from (seed, epoch), cuts it into buffers of
 `buffer_items` items, fills micro-batches within each buffer (packed: best fit, largest first;
 unpacked: sorted by length, cut where the next row would break the budget), and shuffles the
-micro-batches. The list is the same on every process; process r takes micro-batches r, r + N, ...
-(trimmed to a multiple of N so that every process makes the same number of steps), so the data
-position is a number of micro-batches, as for the fixed-size sampler.
+micro-batches. The list is the same on every process, whatever their number; process r takes
+micro-batches r, r + N, ... (trimmed to a multiple of N so that every process makes the same number
+of steps), so the data position is a number of global micro-batches, as for the fixed-size sampler,
+and a resume on M processes goes on from exactly there (`resume_at`).
 """
 
 from __future__ import annotations
@@ -98,10 +99,18 @@ class TokenBudgetSampler(Sampler[list[int]]):
         self.num_processes, self.process_index = num_processes, process_index
         self.buffer_items = buffer_items
         self.epoch = 0
+        self.start = 0  # global micro-batches of this epoch read before a resume (any process count)
         self._planned: tuple[int, list[list[int]]] | None = None  # (epoch, its micro-batches)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # Accelerate re-sets the current epoch at each iteration: keep `start`
+            self.start = 0
         self.epoch = epoch
+
+    def resume_at(self, global_micro_batches: int) -> None:
+        """Go on after this epoch's first `global_micro_batches` (read by however many processes
+        wrote the checkpoint): every later one is read once, by one of this run's processes."""
+        self.start = global_micro_batches
 
     def micro_batches(self) -> list[list[int]]:
         """The epoch's micro-batches for all processes, in order (the same list on every process)."""
@@ -117,11 +126,16 @@ class TokenBudgetSampler(Sampler[list[int]]):
         for start in range(0, len(perm), self.buffer_items):
             batches += plan(self.lengths, perm[start : start + self.buffer_items], self.budget)
         order = torch.randperm(len(batches), generator=g).tolist()
-        usable = len(batches) - len(batches) % self.num_processes
-        return [batches[b] for b in order[:usable]]
+        return [batches[b] for b in order]
+
+    def _remaining(self) -> list[list[int]]:
+        """The epoch's micro-batches from `start`, cut to a whole number per process (every
+        process takes as many steps)."""
+        remaining = self.micro_batches()[self.start :]
+        return remaining[: len(remaining) - len(remaining) % self.num_processes]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.micro_batches()[self.process_index :: self.num_processes]
+        yield from self._remaining()[self.process_index :: self.num_processes]
 
     def __len__(self) -> int:
-        return len(self.micro_batches()) // self.num_processes
+        return len(self._remaining()) // self.num_processes

@@ -99,6 +99,7 @@ class StageRun:
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, recipe.weight_decay), lr=lr_at(spec, 0), betas=recipe.adam_betas, fused=True
         )
+        self.budget_sampler = loaders.train.batch_sampler if recipe.tokens_per_micro_batch else None
         if recipe.tokens_per_micro_batch:
             self.model, self.optimizer, self.train_dl = prepare_budget_loader(acc, model, optimizer, loaders.train)
         else:
@@ -196,8 +197,12 @@ class StageRun:
         )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.train_dl.set_epoch(state["epoch"])
-        skip = state["batches_in_epoch"] // self.global_per_batch
-        self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+        if self.budget_sampler is not None:  # from the exact global micro-batch, on any number of processes
+            self.budget_sampler.resume_at(state["batches_in_epoch"])
+            self.batches = iter(self.train_dl)
+        else:
+            skip = state["batches_in_epoch"] // self.global_per_batch
+            self.batches = iter(acc.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
         with StopSignals() as signals, bar:
             while state["step"] < spec.max_steps:
                 self.ctx.enter(f"stage {self.stage}: step {state['step'] + 1}")  # arms the stack watchdog
