@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from training.model import OmniModel
 from training.model.dry_run import longest_row
 from training.model.memory import (
+    BUDGET_MULTIPLE,
     GIB,
     Activations,
     Memory,
@@ -89,10 +90,13 @@ def resolve_token_budget(acc: Accelerator, recipe: Recipe, model: OmniModel, log
     figures = (
         f"{capacity / GIB:.2f} GiB to fill ({source}): model states {states.gpu_total / GIB:.2f} GiB "
         f"({states.profile}, {acc.num_processes} process(es)), activations {activations.per_position() / 2**20:.3f} "
-        f"MiB per position (measured on this model's layers) + up to {activations.loss_bytes(2**30) / 2**20:.0f} "
-        "MiB for the loss"
+        "MiB per position (measured on this model's layers)"
     )
     if budget == 0:
-        raise RecipeError(f"tokens_per_micro_batch 'auto': not even one micro-batch fits; {figures}")
-    log(f"tokens_per_micro_batch auto: {budget:,} positions per process ({figures})")
+        raise RecipeError(
+            f"tokens_per_micro_batch 'auto': not even {BUDGET_MULTIPLE} positions fit; {figures} + the loss's "
+            f"{activations.loss_bytes(2**30) / 2**20:.0f} MiB chunk (lower loss_chunk_mb)"
+        )
+    used = activations.bytes(budget, budget if row is None else row)
+    log(f"tokens_per_micro_batch auto: {budget:,} positions per process ({figures}, {used / GIB:.2f} GiB at it)")
     return dataclasses.replace(recipe, tokens_per_micro_batch=budget)

@@ -355,7 +355,7 @@ def format_activations(result: DryRun, activations: Activations) -> str:
     rows = "packed rows" if r.packing else f"padded rows of up to {result.longest_row:,} positions"
     return (
         f"  activations: {activations.per_position() / 2**20:.2f} MiB per position ({kernel}, bf16, {rows}; "
-        f"measured on the CPU from this LLM's decoder layers) + {activations.loss_bytes(2**30) / 2**20:,.0f} MiB "
+        f"measured on the CPU from this LLM's decoder layers) + up to {activations.loss_bytes(2**30) / 2**20:,.0f} MiB "
         f"for the loss (loss_chunk_mb {r.loss_chunk_mb:g})"
     )
 
