@@ -6,6 +6,7 @@
   weights.py      where a stage's weights start (a Mini-Omni folder is imported on the way)
   prepare.py      row checks and the feature cache before a stage (--validate-data, --prepare)
   loaders.py      the stage's loaders and score floors
+  budget.py       tokens_per_micro_batch "auto": the budget this process's GPU holds
   step.py         one optimizer step: global-token loss, non-finite skip, StepStats
   guards.py       stop signals, non-finite patience, early stopping
   checkpoints.py  atomic step checkpoints with file checksums, `latest`, damaged ones set aside,
