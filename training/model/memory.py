@@ -18,10 +18,11 @@ into a part per position and a part per squared row length (eager attention's pr
 block mask sdpa gets for padded or packed rows). Backward needs one layer's activations again as
 workspace (twice under checkpointing: recomputed, then their gradients), and the loss holds one
 chunk of fp32 logits, their gradient and the bf16 projection (every position labelled, at worst),
-and the output slice's weight gradient. Checked against real steps in
-benchmarks/activation_memory.py (CPU) and benchmarks/stage_steps.py (GPU): about 1.2x the peak. What is not counted: the CUDA
-context and the allocator's fragmentation (the `usable` allowance below), and the frozen encoder
-run in the step (`data.encoder_states: step`; inference only, freed before the LLM runs).
+and the output slice's weight gradient. What is not counted: the CUDA context and the allocator's
+fragmentation (the `usable` allowance below), and the frozen encoder run in the step
+(`data.encoder_states: step`; inference only, freed before the LLM runs). Against real steps
+(benchmarks/activation_memory.py on the CPU, benchmarks/stage_steps.py on a GPU) the estimate is
+about 1.2x the measured peak.
 """
 
 from __future__ import annotations
