@@ -36,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from training.data.batching import SpeechTextCollator  # noqa: E402
-from training.engine.budget import step_estimate  # noqa: E402
+from training.engine.budget import device_capacity, step_estimate  # noqa: E402
 from training.engine.launch import make_accelerator  # noqa: E402
 from training.engine.mfu import StepFlops, device_peak_tflops, throughput  # noqa: E402
 from training.model import build_model, model_inputs, optimizer_groups, parameter_summary, set_trainable  # noqa: E402
+from training.model.memory import largest_budget  # noqa: E402
 from training.model.untrained import save_untrained_checkpoints  # noqa: E402
 from training.speech.layout import IGNORE  # noqa: E402
 from training.stages import MINI_OMNI, lr_at  # noqa: E402
@@ -83,10 +84,21 @@ TINY_QWEN2 = dict(
 )
 
 
+def sample_positions(model, seconds: float, answer_tokens: int) -> int:
+    """Positions of one synthetic row: the collated width of an asr sample of this length."""
+    frames = int(seconds * 1000 / 20) + 1
+    row = {"n_frames": frames, "encoder_states": np.zeros((frames, 1), np.float32), "text": ""}
+    row["text_ids"] = np.zeros(answer_tokens, np.int64)
+    return SpeechTextCollator(model.layout, model.config.frame_stack)([row])["input_ids"].shape[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="final", choices=["asr", "second", "final"])
-    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument(
+        "--batch-size", default="8", help="rows per process, or 'auto': as many as the memory estimate fits"
+    )
+    parser.add_argument("--device-memory-gib", type=float, help="GiB 'auto' may fill (default: the GPU's own)")
     parser.add_argument("--seconds", type=float, default=10.0, help="speech per utterance")
     parser.add_argument("--answer-tokens", type=int, default=60)
     parser.add_argument("--steps", type=int, default=10)
@@ -120,6 +132,13 @@ def main() -> None:
         loss_chunk_mb=args.loss_chunk_mb,
     )
     states, activations = step_estimate(accelerator, knobs, model)
+    budget = None
+    if args.batch_size == "auto":  # the micro-batch tokens_per_micro_batch: auto would choose, in whole rows
+        capacity, _ = device_capacity(accelerator, dataclasses.replace(knobs, device_memory_gib=args.device_memory_gib))
+        length = sample_positions(model, args.seconds, args.answer_tokens)
+        budget = largest_budget(capacity, states.gpu_total, activations, None if args.packed else length)
+        args.batch_size = max(1, budget // length)
+    args.batch_size = int(args.batch_size)
     step_flops = StepFlops.of(model)  # before ZeRO-3 shards it
     summary = parameter_summary(model)
     optimizer = torch.optim.AdamW(
@@ -185,6 +204,8 @@ def main() -> None:
         "stage": args.stage,
         "params": {k: {"total": t, "trainable": n} for k, (t, n) in summary.items()},
         "batch_per_process": args.batch_size,
+        "batch_from_memory_estimate": budget is not None,
+        "estimated_budget_positions": budget,
         "packed": args.packed,
         "attn": args.attn,
         "checkpointing": args.checkpointing,
