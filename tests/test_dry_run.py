@@ -148,3 +148,19 @@ def test_token_budgets_per_profile(real):
     text = format_dry_run(real)
     assert "tokens_per_micro_batch" in text and f"{final.budgets[1]:>23,}" in text
     assert "activations: " in text and "MiB per position" in text
+
+
+def test_tokens_per_step_under_a_token_budget(real):
+    """With tokens_per_micro_batch the step's size comes from the budget, not batch_size rows."""
+    fixed = dry_run(dataclasses.replace(MINI_OMNI, tokens_per_micro_batch=8192), ["final"], gpus_per_node=8)
+    assert fixed.tokens_per_step == 8192 * 8 * MINI_OMNI.grad_accum
+    text = format_dry_run(fixed)
+    assert f"= {fixed.tokens_per_step:,} (batch_size is not used" in text
+    assert f"up to {fixed.tokens_per_step * 60_000 / 1e9:.2f} B tokens" in text
+    auto = dry_run(dataclasses.replace(MINI_OMNI, tokens_per_micro_batch="auto"), ["final"], gpus_per_node=8)
+    per_profile = auto.stage_tokens_per_step(auto.stages[0])
+    assert per_profile == [b * 8 * MINI_OMNI.grad_accum for b in real.stages[2].budgets]
+    text = format_dry_run(auto)
+    assert "chosen at launch from the GPU's memory" in text
+    low, high = min(per_profile) * 60_000 / 1e9, max(per_profile) * 60_000 / 1e9
+    assert f"up to {low:.2f}-{high:.2f} B (by profile) tokens" in text

@@ -162,8 +162,19 @@ class DryRun:
 
     @property
     def tokens_per_step(self) -> int:
+        """Positions per optimizer step: a fixed token budget's ceiling, else batch_size rows of seq_len.
+        An "auto" budget depends on the launch's profile: stage_tokens_per_step gives it per profile."""
+        budget = self.recipe.tokens_per_micro_batch
+        if isinstance(budget, int):  # positions per process per micro-step, batch_size unused
+            return budget * self.world * self.recipe.grad_accum
         # batch_size is the global number of rows per micro-step (split across processes)
         return self.recipe.batch_size * self.recipe.grad_accum * self.seq_len
+
+    def stage_tokens_per_step(self, report: StageReport) -> list[int]:
+        """Per memory profile, the positions per optimizer step this stage would run."""
+        if self.recipe.tokens_per_micro_batch != "auto":
+            return [self.tokens_per_step] * len(report.memory)
+        return [b * self.world * self.recipe.grad_accum for b in report.budgets]
 
 
 def sequence_length(seconds: float, text_tokens: int, frame_stack: int, sampling_rate: int, max_frames: int) -> int:
@@ -296,10 +307,7 @@ def format_dry_run(result: DryRun) -> str:
         f"{result.seq_len - PROMPT_EXTRA - result.text_tokens - ANSWER_EXTRA} speech positions + {PROMPT_EXTRA} "
         f"prompt tokens + {result.text_tokens} text tokens + eot = {result.seq_len} positions "
         "(--speech-seconds / --text-tokens change it)",
-        f"tokens per optimizer step: {r.batch_size} rows (global) x {r.grad_accum} accumulation x {result.seq_len} = "
-        f"{result.tokens_per_step:,} ({per_gpu:g} rows per GPU per micro-step"
-        + ("; not a whole number: batch_size should divide by the process count" if per_gpu != int(per_gpu) else "")
-        + ")",
+        _step_line(result, per_gpu),
     ]
     for rep in result.stages:
         s = rep.stage
@@ -311,7 +319,8 @@ def format_dry_run(result: DryRun) -> str:
         lines += [
             "",
             f"stage {s.name} ({s.min_steps:,}-{s.max_steps:,} steps, up to "
-            f"{result.tokens_per_step * s.max_steps / 1e9:.2f} B tokens): trains {' + '.join(s.trainable)}{extra}",
+            f"{_billions(result.stage_tokens_per_step(rep), s.max_steps)} tokens): trains {' + '.join(s.trainable)}"
+            f"{extra}",
             f"  {'module':<8} {'total':>13} {'trainable':>13} {'in optimizer':>13}",
         ]
         for m, (total, trainable, in_opt) in rep.modules.items():
@@ -347,6 +356,34 @@ def format_dry_run(result: DryRun) -> str:
         "states + activations (model/memory.py); `tokens_per_micro_batch: auto` makes the same choice at run time.",
     ]
     return "\n".join(lines)
+
+
+def _step_line(result: DryRun, per_gpu: float) -> str:
+    r = result.recipe
+    budget = r.tokens_per_micro_batch
+    if budget == "auto":
+        return (
+            f"tokens per optimizer step: chosen at launch from the GPU's memory (tokens_per_micro_batch auto): "
+            f"the stage's tokens_per_micro_batch column below x {result.world} processes x {r.grad_accum} accumulation"
+        )
+    if isinstance(budget, int):
+        return (
+            f"tokens per optimizer step: up to {budget:,} positions per process (tokens_per_micro_batch) x "
+            f"{result.world} processes x {r.grad_accum} accumulation = {result.tokens_per_step:,} "
+            "(batch_size is not used with a token budget)"
+        )
+    return (
+        f"tokens per optimizer step: {r.batch_size} rows (global) x {r.grad_accum} accumulation x {result.seq_len} = "
+        f"{result.tokens_per_step:,} ({per_gpu:g} rows per GPU per micro-step"
+        + ("; not a whole number: batch_size should divide by the process count" if per_gpu != int(per_gpu) else "")
+        + ")"
+    )
+
+
+def _billions(per_step: list[int], steps: int) -> str:
+    fitting = sorted({n for n in per_step if n > 0}) or [0]
+    low, high = fitting[0] * steps / 1e9, fitting[-1] * steps / 1e9
+    return f"{high:.2f} B" if low == high else f"{low:.2f}-{high:.2f} B (by profile)"
 
 
 def format_activations(result: DryRun, activations: Activations) -> str:
