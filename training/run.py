@@ -3,7 +3,8 @@
 Exit codes: 0 done; 2 bad input or stage order; 3 a WER gate stopped the run; 4 the loss stayed
 non-finite (checkpoint saved); 70 a rank failed in a multi-process run (its rank, phase and every
 stack are in the log); 74 a checkpoint did not fit on the disk (the previous one is kept); 75
-stopped on a signal with a checkpoint saved (rerun the same command to resume).
+stopped on a signal with a checkpoint saved (rerun the same command to resume). `accelerate launch`
+reports any of them as 1.
 """
 
 from __future__ import annotations
