@@ -227,7 +227,7 @@ def _kept_bytes(
     model.requires_grad_(layers_train)
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     kept: dict[int, int] = {}
 

@@ -232,7 +232,7 @@ class OmniModel(nn.Module):
         compiled graph (parameters are graph inputs); the embedding, the loss and the rest stay eager."""
         self.llm.set_attn_implementation(attn_implementation)
         if activation_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if compile_backend:
             for layer in self.llm.model.layers:
                 layer.compile(backend=compile_backend, dynamic=True)
