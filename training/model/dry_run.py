@@ -295,7 +295,6 @@ def _gib(n: int) -> str:
 
 def format_dry_run(result: DryRun) -> str:
     r = result.recipe
-    per_gpu = r.batch_size / result.world
     lines = [
         f"dry run: recipe '{r.name}', {result.nodes} node(s) x {result.gpus_per_node} GPU(s) = "
         f"{result.world} processes; "
@@ -307,7 +306,7 @@ def format_dry_run(result: DryRun) -> str:
         f"{result.seq_len - PROMPT_EXTRA - result.text_tokens - ANSWER_EXTRA} speech positions + {PROMPT_EXTRA} "
         f"prompt tokens + {result.text_tokens} text tokens + eot = {result.seq_len} positions "
         "(--speech-seconds / --text-tokens change it)",
-        _step_line(result, per_gpu),
+        _step_line(result),
     ]
     for rep in result.stages:
         s = rep.stage
@@ -358,7 +357,7 @@ def format_dry_run(result: DryRun) -> str:
     return "\n".join(lines)
 
 
-def _step_line(result: DryRun, per_gpu: float) -> str:
+def _step_line(result: DryRun) -> str:
     r = result.recipe
     budget = r.tokens_per_micro_batch
     if budget == "auto":
@@ -372,6 +371,7 @@ def _step_line(result: DryRun, per_gpu: float) -> str:
             f"{result.world} processes x {r.grad_accum} accumulation = {result.tokens_per_step:,} "
             "(batch_size is not used with a token budget)"
         )
+    per_gpu = r.batch_size / result.world
     return (
         f"tokens per optimizer step: {r.batch_size} rows (global) x {r.grad_accum} accumulation x {result.seq_len} = "
         f"{result.tokens_per_step:,} ({per_gpu:g} rows per GPU per micro-step"
