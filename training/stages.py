@@ -23,6 +23,8 @@ from typing import Any
 STAGE_NAMES: tuple[str, ...] = ("asr", "second", "final")
 MODULES: tuple[str, ...] = ("encoder", "adapter", "llm")
 TASKS: tuple[str, ...] = ("asr", "a1t2", "t1t2", "a1a2", "t1a2")
+# How a local dataset folder is read (data.format; training/data/formats.py): "auto" recognizes it.
+DATA_FORMATS: tuple[str, ...] = ("auto", "shards", "save_to_disk", "audiofolder", "manifests", "data_files")
 
 
 class RecipeError(ValueError):
@@ -166,6 +168,9 @@ class DataSpec:
     # A folder or file in any format training/data/formats.py reads, or a hub id; several, each
     # "where[:weight]", are mixed by weight (training/data/mixing.py).
     dataset: str | tuple[str, ...] | None = None
+    # How each local dataset folder is read: "auto" (recognized; a folder two formats fit equally
+    # well is refused, both named) or one of DATA_FORMATS. The QA dataset is always recognized.
+    format: str = "auto"
     # Splits by name; None = recognized by their common names (train; heldout/test/validation/dev;
     # dev/validation/valid), or, when absent, a seeded slice of train (training/data/splits.py).
     # The held-out split is never read during training; early stopping reads the dev split, and
@@ -269,6 +274,8 @@ class Recipe:
             raise RecipeError(f"recipe '{self.name}': data.encoder_states is 'auto', 'cache' or 'step'")
         if self.data.feature_cache_dtype not in ("bf16", "fp32"):
             raise RecipeError(f"recipe '{self.name}': data.feature_cache_dtype is 'bf16' or 'fp32'")
+        if self.data.format not in DATA_FORMATS:
+            raise RecipeError(f"recipe '{self.name}': data.format is one of {DATA_FORMATS}, got {self.data.format!r}")
         if not self.dist_timeout_minutes > 0:
             raise RecipeError(f"recipe '{self.name}': dist_timeout_minutes must be > 0")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):

@@ -14,13 +14,29 @@ Audio always stays undecoded: a ``{bytes, path}`` value per row (plus ``offset``
 segment of a longer recording), which soundfile decodes later; no FFmpeg or torchcodec needed.
 Nothing here writes to the user's folder. Splits are read only when asked for (a Common Voice
 folder holds many TSVs the run never needs).
+
+Which reading a folder gets (``data.format`` "auto"): shard and save_to_disk folders name
+themselves. Otherwise split-named manifests at the top (``train.jsonl``, ``test_manifest.json``)
+and audiofolder metadata at the top or in split folders (``train/metadata.csv``) are explicit
+signals; a manifest of another name, or metadata in another subfolder, a weak one. Explicit beats
+weak, and the log says what was left unread; two of equal weight are refused, both named, with the
+``--format`` that chooses.
+
+A split's fingerprint (what the feature cache and a run's data identity key on) follows its files:
+`datasets` hashes a manifest's paths and text, not the audio, so each audio file's size and
+modification time are mixed in (one stat() per file). A save_to_disk folder's state.json keeps the
+fingerprint the dataset had before its audio was embedded, so its Arrow files' are mixed in too.
+Shards and data files need nothing: `datasets` already hashes their files' modification times.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +46,14 @@ import pyarrow as pa
 
 from training.data.checks import AUDIO_STRUCT, SEGMENT_STRUCT, DataError
 from training.data.shard import MANIFEST as SHARD_MANIFEST
-from training.data.shard import read_shards
+from training.data.shard import PLAN as SHARD_PLAN
+from training.data.shard import is_shard_folder, read_shards
+from training.stages import DATA_FORMATS
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 DATA_FILE_SUFFIXES = (".parquet", ".arrow")
+STAT_CHUNK = 4096  # audio files stat()-ed per thread task (fingerprints that follow the files)
 # Folder names an audiofolder's splits are recognized by (as the `datasets` library does).
 SPLIT_FOLDER_NAMES = ("train", "test", "validation", "valid", "dev", "eval", "heldout")
 
@@ -52,6 +71,7 @@ class Source:
     name: str
     kind: str  # what it was read as, for the log: "audiofolder", "JSONL manifests", ...
     readers: dict[str, Callable[[], datasets.Dataset]]
+    notes: list[str] = field(default_factory=list)  # why this reading was chosen, for the log
     _read: dict[str, datasets.Dataset] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -64,39 +84,120 @@ class Source:
 
     def split(self, name: str) -> datasets.Dataset:
         if name not in self.readers:
-            raise DataError(f"dataset '{self.name}': no split '{name}' (it has {self.split_names})")
+            raise DataError(f"dataset '{self.name}': no split '{name}' ({splits_listed(self)})")
         if name not in self._read:
             self._read[name] = self.readers[name]()
         return self._read[name]
 
 
-def read_folder(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
-    """A local folder in any of the formats above (DataError naming what was found otherwise)."""
-    if (path / SHARD_MANIFEST).is_file():
+def splits_listed(source: Source) -> str:
+    """'it has [...]' for a message; an empty list is said in words, never shown as if it were data."""
+    if source.split_names:
+        return f"it has {source.split_names}"
+    return f"read as {source.kind}, it has no splits at all"
+
+
+def read_folder(path: Path, name: str, audio_columns: Sequence[str], fmt: str = "auto") -> Source:
+    """A local folder in the format `fmt` ("auto": recognized as the module docstring says);
+    DataError naming what was found otherwise."""
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"dataset '{name}': unknown --format '{fmt}'; expected one of {list(DATA_FORMATS)}")
+    if fmt in ("auto", "shards") and is_shard_folder(path):
         return Source.of(datasets.DatasetDict(read_shards(path)), name, "shards (memory-mapped)")
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.Dataset):
-            loaded = datasets.DatasetDict({"train": loaded})
-        return Source.of(loaded, name, "save_to_disk folder")
-    # An audiofolder keeps its metadata at the top or in its split folders; looked for there first,
-    # so that a Common Voice folder (manifests beside a clips/ of a million files) is never walked.
-    near = [d / m for d in (path, *(c for c in path.iterdir() if c.is_dir())) for m in METADATA_FILES]
-    if any(p.is_file() for p in near):
-        return _audiofolder(path, name, sorted(p for p in path.rglob("metadata.*") if p.name in METADATA_FILES))
-    manifests = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES)
-    if manifests:
-        return Source(
-            name,
-            f"{_manifest_kind(manifests)} manifests",
-            {_split_of(p): (lambda p=p: read_manifest(p, audio_columns)) for p in manifests},
+    if fmt in ("auto", "shards") and (path / SHARD_PLAN).is_file():
+        raise DataError(
+            f"dataset '{name}': shards still being written (no {SHARD_MANIFEST} yet: the shard converter "
+            "writes it once every shard is done; rerun it to finish)"
         )
-    deep = sorted(p for p in path.rglob("metadata.*") if p.name in METADATA_FILES)
+    if fmt == "shards":
+        raise DataError(f"dataset '{name}': --format shards, but it has no {SHARD_MANIFEST} of training.data.shard")
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if fmt in ("auto", "save_to_disk") and saved:
+        return _saved_to_disk(path, name)
+    if fmt == "save_to_disk":
+        raise DataError(f"dataset '{name}': --format save_to_disk, but it has no dataset_dict.json or state.json")
+    if fmt == "data_files":
+        return _data_files(path, name, forced=True)
+    layout = _Layout.of(path)
+    if fmt == "manifests":
+        if not layout.manifests:
+            raise DataError(f"dataset '{name}': --format manifests, but it has no {'/'.join(MANIFEST_SUFFIXES)} file")
+        return _manifests(name, layout.manifests, audio_columns)
+    if fmt == "audiofolder":
+        metadata = _metadata_under(path)
+        if not metadata:
+            raise DataError(f"dataset '{name}': --format audiofolder, but it has no {' or '.join(METADATA_FILES)}")
+        return _audiofolder(path, name, metadata)
+    return _recognized(path, name, layout, audio_columns)
+
+
+@dataclass
+class _Layout:
+    """What a folder's top says about how to read it."""
+
+    root: Path
+    manifests: list[Path]  # manifest files at the top (metadata.* excluded: an audiofolder's own)
+    metadata: list[Path]  # audiofolder metadata at the top and in the folders right below it
+
+    @classmethod
+    def of(cls, root: Path) -> _Layout:
+        # Only the top and its subfolders are looked at, so that a Common Voice folder (manifests
+        # beside a clips/ of a million files) is never walked; subfolder links are followed.
+        entries = sorted(root.iterdir())
+        manifests = [
+            p for p in entries if p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES and p.name not in METADATA_FILES
+        ]
+        near = [d / m for d in (root, *(c for c in entries if c.is_dir())) for m in METADATA_FILES]
+        return cls(root, manifests, [p for p in near if p.is_file()])
+
+    @property
+    def split_manifests(self) -> list[Path]:
+        return [p for p in self.manifests if _split_of(p).lower() in SPLIT_FOLDER_NAMES]
+
+    @property
+    def split_metadata(self) -> list[Path]:
+        return [p for p in self.metadata if p.parent == self.root or p.parent.name.lower() in SPLIT_FOLDER_NAMES]
+
+    def shown(self, paths: Sequence[Path]) -> str:
+        names = [str(p.relative_to(self.root)) for p in paths]
+        return ", ".join(names[:4]) + (f", ... ({len(names)} files)" if len(names) > 4 else "")
+
+
+def _recognized(path: Path, name: str, layout: _Layout, audio_columns: Sequence[str]) -> Source:
+    """Manifests or an audiofolder by their signals (explicit beats weak; a tie is refused), else
+    metadata further down, else data files."""
+    explicit_manifests, explicit_metadata = layout.split_manifests, layout.split_metadata
+    if layout.manifests and layout.metadata and bool(explicit_manifests) == bool(explicit_metadata):
+        why = "both name splits" if explicit_manifests else "neither names a split"
+        raise DataError(
+            f"dataset '{name}': two readings fit equally well ({why}): {_manifest_kind(layout.manifests)} "
+            f"manifests ({layout.shown(layout.manifests)}) or an audiofolder ({layout.shown(layout.metadata)}); "
+            f"choose one with --format manifests or --format audiofolder (recipe: data.format)"
+        )
+    if layout.manifests and (explicit_manifests or not layout.metadata):
+        source = _manifests(name, layout.manifests, audio_columns)
+        if layout.metadata:
+            source.notes.append(
+                f"dataset '{name}': read as {source.kind}, since manifests at its top name the splits "
+                f"({layout.shown(explicit_manifests)}); the audiofolder metadata below it "
+                f"({layout.shown(layout.metadata)}) is not read (--format audiofolder reads it instead)"
+            )
+        return source
+    if layout.metadata:
+        source = _audiofolder(path, name, _metadata_under(path))
+        if layout.manifests:
+            source.notes.append(
+                f"dataset '{name}': read as an audiofolder, since its metadata names the splits "
+                f"({layout.shown(explicit_metadata)}); the files at its top ({layout.shown(layout.manifests)}) "
+                "are not read as manifests (--format manifests reads them instead)"
+            )
+        return source
+    deep = _metadata_under(path)
     if deep:  # metadata further down (e.g. one per speaker folder)
         return _audiofolder(path, name, deep)
     files = [p for p in path.rglob("*") if p.is_file()]
     if any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in files):
-        return Source.of(datasets.load_dataset(str(path)), name, "data files (datasets.load_dataset)")
+        return _data_files(path, name, forced=False)
     found = sorted(str(p.relative_to(path)) for p in files)
     hint = ""
     if any(p.rsplit(".", 1)[-1].lower() in ("wav", "flac", "ogg", "mp3") for p in found):
@@ -105,8 +206,86 @@ def read_folder(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
     raise DataError(f"dataset '{name}': unknown format{hint}; found {shown}; expected {ACCEPTED}")
 
 
-def read_file(path: Path, name: str, audio_columns: Sequence[str]) -> Source:
+def _metadata_under(root: Path) -> list[Path]:
+    """Every audiofolder metadata file: at the top, and anywhere under each subfolder (a linked
+    subfolder followed: rglob from the top would skip it and find no splits)."""
+    found = [root / m for m in METADATA_FILES if (root / m).is_file()]
+    for child in sorted(c for c in root.iterdir() if c.is_dir()):
+        found += sorted(p for p in child.rglob("metadata.*") if p.name in METADATA_FILES and p.is_file())
+    return found
+
+
+def _manifests(name: str, manifests: list[Path], audio_columns: Sequence[str]) -> Source:
+    by_split: dict[str, list[Path]] = {}
+    for p in manifests:
+        by_split.setdefault(_split_of(p), []).append(p)
+    for split, paths in by_split.items():
+        if len(paths) > 1:
+            raise DataError(
+                f"dataset '{name}': {' and '.join(p.name for p in paths)} would both be split '{split}'; keep one"
+            )
+    return Source(
+        name,
+        f"{_manifest_kind(manifests)} manifests",
+        {split: (lambda p=paths[0]: read_manifest(p, audio_columns)) for split, paths in by_split.items()},
+    )
+
+
+def _saved_to_disk(path: Path, name: str) -> Source:
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.Dataset):
+        _following_files(loaded, sorted(path.glob("*.arrow")))
+        loaded = datasets.DatasetDict({"train": loaded})
+    else:
+        for split, ds in loaded.items():
+            _following_files(ds, sorted((path / split).glob("*.arrow")))
+    return Source.of(loaded, name, "save_to_disk folder")
+
+
+def _data_files(path: Path, name: str, forced: bool) -> Source:
+    try:
+        loaded = datasets.load_dataset(str(path))
+    except Exception as err:  # noqa: BLE001 - whatever load_dataset finds wrong: one message
+        if not forced:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"dataset '{name}': --format data_files, but datasets.load_dataset cannot read it ({reason})"
+        ) from err
+    return Source.of(loaded, name, "data files (datasets.load_dataset)")
+
+
+def _following_files(ds: datasets.Dataset, paths: Iterable[str | Path]) -> datasets.Dataset:
+    """`ds`, its fingerprint changed to follow each file's size and modification time too: one
+    stat() per file (100k files in well under a second on a local disk), in chunks on threads, as
+    a network file system answers each in a round trip."""
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    chunks = [unique[i : i + STAT_CHUNK] for i in range(0, len(unique), STAT_CHUNK)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        stamped = list(pool.map(_stat_lines, chunks))
+    digest = hashlib.sha256(ds._fingerprint.encode())
+    for lines in stamped:
+        digest.update("".join(lines).encode())
+    ds._fingerprint = digest.hexdigest()[:16]
+    return ds
+
+
+def _stat_lines(paths: list[str]) -> list[str]:
+    lines = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:  # missing now: the row checks name it; its arrival changes the fingerprint
+            lines.append(f"{path}\tmissing\n")
+            continue
+        lines.append(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n")
+    return lines
+
+
+def read_file(path: Path, name: str, audio_columns: Sequence[str], fmt: str = "auto") -> Source:
     """One manifest file: its rows are one split, named by the file when it is a split name."""
+    if fmt not in ("auto", "manifests"):
+        raise DataError(f"dataset '{name}': --format {fmt} reads a folder; a manifest file is read as manifests")
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise DataError(f"dataset '{name}': unknown format (a '{path.suffix}' file); expected {ACCEPTED}")
     split = _split_of(path)
@@ -144,7 +323,7 @@ def read_manifest(path: Path, audio_columns: Sequence[str]) -> datasets.Dataset:
     if not segments:
         for column in present:
             ds = ds.cast_column(column, datasets.Audio(decode=False))
-    return ds
+    return _following_files(ds, (audio["path"] for column in present for audio in columns[column]))
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -253,4 +432,5 @@ def _audiofolder_split(metadata: list[Path]) -> datasets.Dataset:
             rows.append({"audio": audio, **row})
     columns = _columns(rows)
     ds = _dataset(columns, _features(columns, ["audio"], False), f"metadata {', '.join(map(str, metadata))}")
-    return ds.cast_column("audio", datasets.Audio(decode=False))
+    ds = ds.cast_column("audio", datasets.Audio(decode=False))
+    return _following_files(ds, (audio["path"] for audio in columns["audio"]))

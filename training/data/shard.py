@@ -7,16 +7,26 @@ becomes `<to>/<role>/shard-00000.arrow`, ... with the audio file's bytes embedde
 longer recording is cut and stored as FLAC), the transcript, and the clip's length in seconds.
 Arrow files are memory-mapped when read (`datasets.Dataset.from_file`): a run's memory does not
 grow with the data, and nothing is copied into a cache. `manifest.json` lists every shard with its
-rows and seconds, and the totals per split; `--dataset <to>` then reads the shards as a dataset.
+rows and seconds, the totals per split, and what they were made from (below); `--dataset <to>`
+then reads the shards as a dataset.
 
 Shards are written to a temporary name and renamed, so a rerun skips finished shards (resumable).
 `--task I/N` writes every N-th shard from the I-th: a SLURM array (scripts/slurm/shard.sbatch)
 shards a large corpus across nodes; the task that finds every shard done writes the manifest.
+
+Before any shard, `shard-plan.json` records what the shards are of: each split's source name, rows
+and fingerprint (it follows the audio files: training/data/formats.py), the columns, --seed and
+--rows-per-shard. The first task creates it (atomically: it is there whole or not at all); every
+other task, and every rerun, must find the same plan, or stops naming what changed: finished
+shards of another source or size are never reused, and nothing is deleted for the user. Each
+shard's sidecar names its plan too. `--to` must be new, empty or such a shard folder, and never
+the source or inside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -38,9 +48,14 @@ from tqdm.auto import tqdm  # noqa: E402
 from training.common import write_json_atomic  # noqa: E402
 from training.data.checks import AUDIO_STRUCT, DataError  # noqa: E402
 from training.speech.audio import decode_audio  # noqa: E402
+from training.stages import DATA_FORMATS  # noqa: E402
 
 MANIFEST = "manifest.json"
+PLAN = "shard-plan.json"
 FORMAT = "omni-stage shards"
+PLAN_FORMAT = "omni-stage shard plan"
+# The plan's fields that decide what the shards hold; a rerun or another task must match them.
+PLANNED = ("rows_per_shard", "seed", "columns", "splits")
 FEATURES = datasets.Features(
     {
         "audio": AUDIO_STRUCT,
@@ -57,25 +72,153 @@ class ShardJob:
     start: int
     stop: int
     target: Path
+    plan_id: str  # the plan it belongs to (plan_id()), kept in its sidecar
 
     @property
     def done(self) -> bool:
-        """Written: the shard and then its sidecar (renamed into place, so never half there)."""
-        return self.target.is_file() and self.target.with_suffix(".json").is_file()
+        """Written for this plan: the shard and then its sidecar (renamed into place, so never half
+        there), the sidecar naming this plan."""
+        sidecar = self.target.with_suffix(".json")
+        if not (self.target.is_file() and sidecar.is_file()):
+            return False
+        try:
+            return json.loads(sidecar.read_text()).get("plan") == self.plan_id
+        except (OSError, ValueError, AttributeError):  # unreadable: written again
+            return False
 
 
 def shard_path(to: Path, role: str, index: int) -> Path:
     return to / role / f"shard-{index:05d}.arrow"
 
 
-def plan(splits: dict[str, datasets.Dataset], to: Path, rows_per_shard: int) -> list[ShardJob]:
+def plan(splits: dict[str, datasets.Dataset], to: Path, rows_per_shard: int, plan_id: str) -> list[ShardJob]:
     jobs = []
     for role, ds in splits.items():
         for index in range(math.ceil(len(ds) / rows_per_shard)):
             start = index * rows_per_shard
             stop = min(len(ds), start + rows_per_shard)
-            jobs.append(ShardJob(role, index, start, stop, shard_path(to, role, index)))
+            jobs.append(ShardJob(role, index, start, stop, shard_path(to, role, index), plan_id))
     return jobs
+
+
+def is_shard_folder(folder: Path) -> bool:
+    """A finished shard folder: its manifest.json is this converter's (a NeMo manifest may share the name)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def shard_plan(
+    dataset: str, splits: dict[str, tuple[str, datasets.Dataset]], rows_per_shard: int, seed: int, columns
+) -> dict[str, Any]:
+    """What the shards will hold: per role, the source split's name, rows and fingerprint (the
+    dataset's name is kept for people, not compared: the fingerprints say what the data is)."""
+    return {
+        "format": PLAN_FORMAT,
+        "version": 1,
+        "dataset": dataset,
+        "rows_per_shard": rows_per_shard,
+        "seed": seed,
+        "columns": {"audio": columns[0], "text": columns[1]},
+        "splits": {
+            role: {"split": name, "rows": len(ds), "fingerprint": ds._fingerprint}
+            for role, (name, ds) in splits.items()
+        },
+    }
+
+
+def plan_id(shard_plan: dict[str, Any]) -> str:
+    planned = {k: shard_plan[k] for k in PLANNED}
+    return hashlib.sha256(json.dumps(planned, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_destination(dataset: str, to: Path) -> None:
+    """--to is never the source, nor inside it (the converter would write into the user's folder,
+    and its manifest.json replace theirs)."""
+    source = Path(dataset).expanduser()
+    if not source.exists():
+        return  # a hub id
+    source, target = source.resolve(), to.expanduser().resolve()
+    if target == source:
+        raise DataError(f"--to {to} is the dataset itself; shards go to a folder of their own")
+    if source in target.parents:
+        raise DataError(f"--to {to} is inside the dataset {dataset}; shards go to a folder outside it")
+
+
+def claim(to: Path, wanted: dict[str, Any]) -> bool:
+    """Make `to` the folder of the plan `wanted`, or find it already is (True: a plan was there).
+    DataError if it is a file, a non-empty folder that is not a shard folder, or another plan's.
+    Safe against other tasks doing the same at once: the plan file is created whole (a link of a
+    written file, which fails if one is there), and the folder is listed before the plan is read,
+    so a task that sees another's shards also sees the plan that came first."""
+    if to.exists() and not to.is_dir():
+        raise DataError(f"--to {to} is a file; shards go to a folder")
+    listed = [p.name for p in to.iterdir() if not p.name.startswith(f".{PLAN}.")] if to.is_dir() else []
+    existing = _read_plan(to)
+    if existing is None:
+        if listed:
+            if is_shard_folder(to):
+                raise DataError(
+                    f"--to {to} holds shards written without a record of their source and settings ({PLAN}); "
+                    "remove the folder, or choose another --to, to write them again"
+                )
+            shown = ", ".join(sorted(listed)[:5]) + (", ..." if len(listed) > 5 else "")
+            raise DataError(f"--to {to} is not empty ({shown}) and is not a shard folder; shards go to a new folder")
+        existing = _create_plan(to, wanted)
+        if existing is None:
+            return False
+    changes = [
+        f"{key}: {existing.get(key)!r} there, {wanted[key]!r} now"
+        for key in PLANNED
+        if key != "splits" and existing.get(key) != wanted[key]
+    ]
+    before, now = existing.get("splits", {}), wanted["splits"]
+    for role in sorted(set(before) | set(now)):
+        if before.get(role) != now.get(role):
+            changes.append(f"split {role}: {_split_line(before.get(role))} there, {_split_line(now.get(role))} now")
+    if changes:
+        raise DataError(
+            f"--to {to} holds shards of another source or settings ({'; '.join(changes)}); remove the folder, "
+            "or choose another --to, to write them again"
+        )
+    return True
+
+
+def _split_line(split: dict[str, Any] | None) -> str:
+    if split is None:
+        return "none"
+    return f"'{split['split']}' {split['rows']:,} rows, fingerprint {split['fingerprint']}"
+
+
+def _read_plan(to: Path) -> dict[str, Any] | None:
+    path = to / PLAN
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable ({err}); remove the folder, or choose another --to") from err
+    if not isinstance(found, dict) or found.get("format") != PLAN_FORMAT:
+        raise DataError(f"{path}: not a shard plan; remove the folder, or choose another --to")
+    return found
+
+
+def _create_plan(to: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """Write the plan unless another task's came first (None: ours is it; else theirs)."""
+    to.mkdir(parents=True, exist_ok=True)
+    tmp = to / f".{PLAN}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(wanted, indent=2))
+    try:
+        os.link(tmp, to / PLAN)  # fails if a plan is there: the first task's plan stands
+    except FileExistsError:
+        return _read_plan(to)
+    except OSError:  # no hard links here: renamed instead (then the last task's plan stands, and
+        os.replace(tmp, to / PLAN)  # a task whose plan it is not writes shards no manifest counts)
+        return _read_plan(to)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return None
 
 
 def embedded(audio: dict[str, Any], where: str) -> tuple[dict[str, Any], float]:
@@ -123,25 +266,49 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
             seconds += length
         writer.finalize()
     os.replace(tmp, job.target)
-    entry = {"file": f"{job.role}/{job.target.name}", "rows": job.stop - job.start, "seconds": round(seconds, 3)}
+    entry = {
+        "file": f"{job.role}/{job.target.name}",
+        "rows": job.stop - job.start,
+        "seconds": round(seconds, 3),
+        "plan": job.plan_id,
+    }
     write_json_atomic(job.target.with_suffix(".json"), entry)
     return entry
 
 
-def write_manifest(to: Path, jobs: list[ShardJob], source: str) -> dict[str, Any] | None:
-    """manifest.json once every shard exists (None while some are missing)."""
+def write_manifest(to: Path, jobs: list[ShardJob], shard_plan: dict[str, Any]) -> dict[str, Any] | None:
+    """manifest.json once every shard exists (None while some are missing), with the plan's record
+    of the source: the dataset, and per split its source split, rows and fingerprint."""
     if not all(j.done for j in jobs):
         return None
     splits: dict[str, Any] = {}
     for job in jobs:
         entry = json.loads(job.target.with_suffix(".json").read_text())
-        split = splits.setdefault(job.role, {"shards": [], "rows": 0, "hours": 0.0})
+        source = shard_plan["splits"][job.role]
+        split = splits.setdefault(
+            job.role,
+            {
+                "shards": [],
+                "rows": 0,
+                "hours": 0.0,
+                "source_split": source["split"],
+                "fingerprint": source["fingerprint"],
+            },
+        )
         split["shards"].append(entry)
         split["rows"] += entry["rows"]
         split["hours"] += entry["seconds"] / 3600
     for split in splits.values():
         split["hours"] = round(split["hours"], 4)
-    manifest = {"format": FORMAT, "version": 1, "source": source, "splits": splits}
+    manifest = {
+        "format": FORMAT,
+        "version": 2,
+        "source": shard_plan["dataset"],
+        "rows_per_shard": shard_plan["rows_per_shard"],
+        "columns": shard_plan["columns"],
+        "plan": plan_id(shard_plan),
+        "splits": splits,
+    }
     write_json_atomic(to / MANIFEST, manifest)
     return manifest
 
@@ -162,14 +329,22 @@ def read_shards(folder: Path) -> dict[str, datasets.Dataset]:
 
 
 def convert(
-    dataset: str, to: Path, rows_per_shard: int, num_proc: int, task: tuple[int, int], seed: int, log=print
+    dataset: str,
+    to: Path,
+    rows_per_shard: int,
+    num_proc: int,
+    task: tuple[int, int],
+    seed: int,
+    log=print,
+    fmt: str = "auto",
 ) -> dict[str, Any] | None:
     from training.data.sources import asr_audio_columns, asr_splits, load_source
     from training.stages import DataSpec
 
     global _COLUMNS
+    check_destination(dataset, to)
     spec = DataSpec()
-    chosen = asr_splits(load_source(dataset, asr_audio_columns(spec)), spec, seed)
+    chosen = asr_splits(load_source(dataset, asr_audio_columns(spec), fmt), spec, seed)
     for note in chosen.notes:
         log(note)
     spec = chosen.spec
@@ -177,12 +352,14 @@ def convert(
     _SPLITS.clear()
     _SPLITS.update({role: chosen.splits[name] for role, name in roles.items() if name is not None})
     _COLUMNS = (spec.audio_column, spec.text_column)
-    jobs = plan(_SPLITS, to, rows_per_shard)
+    wanted = shard_plan(dataset, {r: (roles[r], ds) for r, ds in _SPLITS.items()}, rows_per_shard, seed, _COLUMNS)
+    resumed = claim(to, wanted)
+    jobs = plan(_SPLITS, to, rows_per_shard, plan_id(wanted))
     mine = [j for k, j in enumerate(jobs) if k % task[1] == task[0]]
     todo = [j for j in mine if not j.done]
     log(
-        f"{len(jobs)} shards of up to {rows_per_shard:,} rows in {to}; this task: {len(mine)}, "
-        f"{len(mine) - len(todo)} already written"
+        f"{len(jobs)} shards of up to {rows_per_shard:,} rows in {to} ({'the same plan found' if resumed else 'new'}); "
+        f"this task: {len(mine)}, {len(mine) - len(todo)} already written"
     )
     bar = tqdm(total=sum(j.stop - j.start for j in todo), desc="sharding", unit="rows")
     if num_proc > 1 and len(todo) > 1:
@@ -193,7 +370,7 @@ def convert(
         for job in todo:
             bar.update(write_shard(job)["rows"])
     bar.close()
-    manifest = write_manifest(to, jobs, dataset)
+    manifest = write_manifest(to, jobs, wanted)
     if manifest is None:
         log("shards of other tasks are still missing; the last task to finish writes the manifest")
     else:
@@ -210,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="shards written in parallel")
     parser.add_argument("--task", default="0/1", help="I/N: write every N-th shard from the I-th (SLURM arrays)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of carved held-out/dev slices (the recipe's)")
+    parser.add_argument(
+        "--format", default="auto", choices=DATA_FORMATS, help="how the dataset folder is read (default: recognized)"
+    )
     args = parser.parse_args(argv)
     try:
         i, n = (int(v) for v in args.task.split("/"))
@@ -220,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows_per_shard < 1:
         parser.error("--rows-per-shard must be >= 1")
     try:
-        convert(args.dataset, args.to, args.rows_per_shard, args.num_proc, (i, n), args.seed)
+        convert(args.dataset, args.to, args.rows_per_shard, args.num_proc, (i, n), args.seed, fmt=args.format)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

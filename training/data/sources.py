@@ -38,14 +38,15 @@ class Chosen:
     checked: dict[str, tuple[datasets.Dataset, DataSpec]]
 
 
-def load_source(where: str, audio_columns: Sequence[str] = AUDIO_NAMES) -> Source:
+def load_source(where: str, audio_columns: Sequence[str] = AUDIO_NAMES, fmt: str = "auto") -> Source:
     """A user's dataset: a local folder or manifest file in any format formats.py reads, or a hub
-    id. `audio_columns` are the manifest columns that hold audio file paths."""
+    id. `audio_columns` are the manifest columns that hold audio file paths; `fmt` (data.format)
+    how a local folder is read ("auto": recognized)."""
     path = Path(where).expanduser()
     if path.is_dir():
-        return read_folder(path, where, audio_columns)
+        return read_folder(path, where, audio_columns, fmt)
     if path.is_file():
-        return read_file(path, where, audio_columns)
+        return read_file(path, where, audio_columns, fmt)
     if path.is_absolute() or where.startswith((".", "~")):
         raise DataError(f"dataset '{where}': no such folder or file")
     try:
@@ -89,7 +90,7 @@ def asr_splits(source: Source, spec: DataSpec, seed: int) -> Chosen:
                 raise DataError(f"{where}: no column '{column}' (columns: {ds.column_names})")
         check_column_types(ds, where, spec)
         splits[split] = _undecoded_and_cut(ds, split == choice.train, spec, (audio,))
-    notes = [f"dataset '{source.name}' ({source.kind}): " + _describe(splits, spec), *choice.notes]
+    notes = [f"dataset '{source.name}' ({source.kind}): " + _describe(splits, spec), *source.notes, *choice.notes]
     return Chosen(splits, spec, notes, _whole_splits(source, choice, spec, (audio,)))
 
 
@@ -120,6 +121,7 @@ def qa_splits(source: Source, spec: DataSpec, seed: int, train_as: str, heldout_
     notes = [
         f"QA dataset '{source.name}' ({source.kind}): train '{choice.train}' {len(splits[train_as]):,} rows, "
         f"held-out '{choice.heldout}' {len(splits[heldout_as]):,} rows{renamed}",
+        *source.notes,
         *choice.notes,
     ]
     audio = (spec.question_audio_column, spec.answer_audio_column)

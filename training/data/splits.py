@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 
 from training.data.checks import DataError
-from training.data.formats import Source
+from training.data.formats import Source, splits_listed
 
 # Recognized names, in order of preference (a name already given another role is skipped).
 TRAIN_NAMES = ("train",)
@@ -45,9 +45,11 @@ def choose_splits(
     """Resolve the roles; a missing held-out or dev split is a seeded slice of train (`fraction`
     of its rows, 1 to `max_rows`), taken out of train so that it is never trained on."""
     names = source.split_names
+    if not names:
+        raise DataError(f"dataset '{source.name}': no split to train on ({splits_listed(source)})")
     for given, flag in ((train, "--train-split"), (heldout, "--heldout-split"), (dev, "--dev-split")):
         if given is not None and given != NO_DEV and given not in names:
-            raise DataError(f"dataset '{source.name}': no split '{given}' ({flag}); it has {names}")
+            raise DataError(f"dataset '{source.name}': no split '{given}' ({flag}); {splits_listed(source)}")
     train = train or _first(names, TRAIN_NAMES, ()) or (names[0] if len(names) == 1 else None)
     if train is None:
         raise DataError(
