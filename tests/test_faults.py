@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 
-from tests.helpers import asr_losses, launched, launched_processes, recipe_variant
+from tests.helpers import asr_losses, launched, launched_processes, recipe_variant, with_arg
 from training.engine.faults import CRASH_EXIT_CODE
 from training.run import main
 
@@ -68,36 +67,6 @@ def test_a_launch_on_an_empty_cache_completes(profile, tmp_path, quick_recipe):
 # -- a hung or crashed rank --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory, tiny_checkpoints) -> list[str]:
-    """Arguments of a short asr run on tiny checkpoints and 40 tone clips (no demo needed)."""
-    root = tmp_path_factory.mktemp("faults")
-    rows = []
-    for i in range(40):
-        sf.write(root / f"{i}.wav", (0.1 * np.sin(np.arange(12000 + 300 * i) / (4 + i % 5))).astype("float32"), 16000)
-        rows.append(json.dumps({"audio_filepath": f"{i}.wav", "text": "the cat sat" if i % 2 else "a dog ran"}))
-    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
-    recipe = root / "recipe.json"
-    recipe.write_text(
-        json.dumps({"batch_size": 8, "eval_batch_size": 8, "save_every": 4, "stages": {"asr": {"max_wer": None}}})
-    )
-    enc, llm = tiny_checkpoints
-    return [
-        "--stage",
-        "asr",
-        "--recipe",
-        str(recipe),
-        "--dataset",
-        str(root),
-        "--encoder",
-        enc,
-        "--llm",
-        llm,
-        "--report-to",
-        "none",
-    ]
-
-
 TIMEOUT_MINUTES = 0.5
 
 
@@ -124,6 +93,22 @@ def test_a_hung_or_crashed_rank_ends_the_job(fault, small_run, tmp_path):
         assert f"exitcode  : {CRASH_EXIT_CODE}" in output  # torchrun's failure summary
         assert "(most recent call first)" in output  # the failed rank's stacks
         assert output.count("(most recent call first)") >= 2  # stacks of both ranks
+
+
+def test_a_wer_gate_ends_every_rank_together_with_its_code(small_run, tmp_path):
+    """A WER-gate stop under two processes: both ranks exit 3, after rank 0 has written the record
+    and report; none is left for the launcher to SIGTERM (exit -15) when the first one leaves."""
+    recipe = small_run[small_run.index("--recipe") + 1]
+    gated = recipe_variant(recipe, tmp_path / "gated.json", stages={"asr": {"max_wer": 0.01}})
+    out = tmp_path / "out"
+    args = [*with_arg(small_run, "--recipe", gated), "--max-steps", "4", "--output-dir", str(out)]
+    with launched(_accelerate("cpu_ddp.yaml", *args, "--cache-dir", str(tmp_path / "c")), cwd=ROOT) as proc:
+        output = "".join(line for _, line in _timed_output(proc, timeout=600))
+    assert "is above the stage's gate 0.010" in output, output[-4000:]
+    codes = re.findall(r"exitcode\s+:\s+(-?\d+)", output)  # torchrun's summary: each failed rank
+    assert sorted(codes) == ["3", "3"], output[-4000:]
+    assert json.loads((out / "run_record.json").read_text())["stages"]["asr"]["complete"]
+    assert (out / "report.md").is_file()
 
 
 def test_nothing_outlives_a_launch(small_run, tmp_path):

@@ -1,7 +1,6 @@
 """Nothing is lost on a crash: resumed runs equal uninterrupted ones; writes are atomic."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,9 @@ import pytest
 
 from tests.helpers import asr_losses, asr_run_args, launched, recipe_variant
 from training.common import atomic_dir
-from training.engine.checkpoints import StageCheckpoints
+from training.engine.checkpoints import StageCheckpoints, verify_files
 from training.engine.context import REQUEUE_EXIT_CODE
+from training.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
@@ -59,9 +59,12 @@ def test_sigkill_then_resume_gives_identical_losses(resume_recipe, cache_dir, tm
     latest = StageCheckpoints(tmp_path / "asr", keep_last=2).latest()
     saved_step = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert saved_step % 5 == 0 and saved_step < logged  # killed past the last checkpoint: work to redo
+    with open(tmp_path / "asr" / "metrics.jsonl", "a") as f:  # as if killed while writing a line
+        f.write('{"step": 14, "loss": 6.1')
     resumed = subprocess.run(_command(resume_recipe, cache_dir, tmp_path), cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"at step {saved_step}" in resumed.stdout
+    assert "metrics.jsonl: dropped 1 unreadable line(s), torn by a kill mid-write" in resumed.stdout
     # CPU, same seed, same data order, restored RNG and optimizer state: bit-for-bit the same
     assert asr_losses(tmp_path) == uninterrupted
 
@@ -94,22 +97,66 @@ def test_changed_recipe_is_refused_naming_fields(resume_recipe, cache_dir, tmp_p
     assert "batch_size: 16 -> 8" in again.stdout and "stage.lr_peak: 0.003 -> 0.0005" in again.stdout
 
 
-def test_checkpoint_killed_mid_write_keeps_previous_latest(tmp_path):
-    """A save that dies after writing part of its folder never becomes `latest`."""
-    stage = tmp_path / "asr"
-    ckpts = StageCheckpoints(stage, keep_last=2)
-    good = ckpts.dir / "step-0000005"
-    good.mkdir(parents=True)
-    (good / "trainer_state.json").write_text(json.dumps({"step": 5}))
-    (ckpts.dir / "latest").write_text(good.name)
-    # the next save died halfway: its temp folder holds weights but no trainer_state.json
-    partial = ckpts.dir / ".step-0000010.tmp"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(os.urandom(1024))
-    assert ckpts.latest() == good
-    # and an export killed inside atomic_dir leaves the previous export untouched
-    final = stage / "final"
-    final.mkdir()
+# A run that SIGKILLs itself inside a real StageCheckpoints.save of step 8, at one of its writes.
+_KILLED_IN_SAVE = """
+import os, signal, sys
+import training.engine.checkpoints as checkpoints
+from training.run import main
+
+point, args = sys.argv[1], sys.argv[2:]
+write_json, write_text = checkpoints.write_json_atomic, checkpoints.write_text_atomic
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+def json_then_maybe_die(path, data):
+    if path.parent.name == ".step-0000008.tmp" and point == "before trainer_state.json":
+        die()  # accelerator.save_state's files are all written
+    write_json(path, data)
+    if path.parent.name == ".step-0000008.tmp" and point == "before the rename":
+        die()
+
+def text_or_die(path, text):
+    if text == "step-0000008" and point == "before latest":
+        die()  # renamed into place, not yet named latest
+    write_text(path, text)
+
+checkpoints.write_json_atomic, checkpoints.write_text_atomic = json_then_maybe_die, text_or_die
+main(args)
+"""
+
+
+@pytest.fixture(scope="module")
+def small_uninterrupted(small_run, tmp_path_factory) -> list[float]:
+    out = tmp_path_factory.mktemp("small-straight")
+    assert main([*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]) == 0
+    return asr_losses(out)
+
+
+@pytest.mark.parametrize("point", ["before trainer_state.json", "before the rename", "before latest"])
+def test_a_save_killed_between_its_writes_keeps_the_previous_checkpoint(
+    point, small_run, small_uninterrupted, tmp_path, capsys
+):
+    """A real save of step 8 killed at each of its writes: step 4 stays `latest` and intact, and
+    the resumed run equals an uninterrupted one."""
+    args = [*small_run, "--max-steps", "12", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_IN_SAVE, point, *args], cwd=ROOT, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    ckpts = StageCheckpoints(tmp_path / "asr", keep_last=2)
+    assert ckpts.latest() == ckpts.dir / "step-0000004" and verify_files(ckpts.latest()) is None
+    # the partial save, wherever it stopped, is never mistaken for a checkpoint
+    assert (ckpts.dir / "step-0000008" / "trainer_state.json").is_file() == (point == "before latest")
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "step-0000004 at step 4" in log, log[-3000:]
+    if point == "before latest":
+        assert "step-0000008 was saved but never named latest; set aside as abandoned-step-0000008" in log
+    assert asr_losses(tmp_path) == pytest.approx(small_uninterrupted, abs=1e-6)
+
+
+def test_an_export_failing_mid_write_keeps_the_previous_one(tmp_path):
+    """An export that fails inside atomic_dir leaves the previous export untouched."""
+    final = tmp_path / "asr" / "final"
+    final.mkdir(parents=True)
     (final / "omni_config.json").write_text("{}")
     with pytest.raises(RuntimeError):
         with atomic_dir(final) as tmp:

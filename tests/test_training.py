@@ -245,13 +245,13 @@ def test_final_stage_learns_speech_answers_and_speaks(three_stages, tmp_path):
     assert 0 < final["majority"] < final["accuracy"]  # the random codec uses few codes: beat the commonest
     assert final["ce"] < before["ce"]
     # A1T2 on 100 held-out spoken questions (new phrasings, unseen voices), every one scored once.
-    # The untrained pipeline answers none; the quick run answers 6-12 % exactly (4 seeds and stand-in
-    # sizes tried), about what always giving the commonest training answer scores (6 %, recorded as
-    # "majority"), so the floor here is a fixed 3 %. The demo's longer run clears that baseline by
-    # far (34 %), and the next test checks what a short run does learn from the speech.
+    # The untrained pipeline answers none; always giving the commonest training answer scores 6 %
+    # (recorded as "majority"), and that is the floor: a model no better than a constant answer
+    # fails. The quick run answers 9 % (2 CPU cores; 6-12 % over seeds and stand-in sizes), the
+    # demo's longer run 33 %; the next test checks what a short run does learn from the speech.
     answer = stages["final"]["answer"]
     assert answer["questions"] == 100 and 0 < answer["majority"] < 0.1
-    assert answer["accuracy"] >= 0.03 > stages["before"]["answer"]["accuracy"]
+    assert answer["accuracy"] > answer["majority"] > stages["before"]["answer"]["accuracy"], answer
     losses = [json.loads(line) for line in (three_stages / "final" / "metrics.jsonl").read_text().splitlines()]
     # per-stream and per-task losses (a batch logs the tasks it holds; length grouping mixes few)
     assert {"loss_audio0", "loss_audio6", "loss_text", "loss_task_a1a2", "loss_task_t1a2"} <= set().union(*losses)

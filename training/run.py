@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # `accelerate launch training/run.py` runs this f
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.recipe_file import load_recipe  # noqa: E402
-from training.stages import RECIPES, STAGE_NAMES, Recipe, RecipeError, format_stage_table  # noqa: E402
+from training.stages import DATA_FORMATS, RECIPES, STAGE_NAMES, Recipe, RecipeError, format_stage_table  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("OMNI_STAGE_CACHE", Path.home() / ".cache" / "omni-stage"))
 
@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="speech data: a save_to_disk folder, an audiofolder, a JSONL/CSV/TSV manifest or a folder of "
         "them (NeMo, Common Voice), Parquet files, or a hub id (README: Bring your own data); repeat to "
         "mix datasets, each PATH:WEIGHT (default weight 1)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=DATA_FORMATS,
+        help="how each --dataset folder is read (default auto: recognized; a folder that reads two ways "
+        "is refused, both readings named)",
     )
     parser.add_argument("--audio-column", help="audio column (default: recognized: audio, audio_filepath, path, file)")
     parser.add_argument(
@@ -145,6 +151,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = load_recipe(args.recipe)
     flags = {
         "dataset": None if not args.dataset else args.dataset[0] if len(args.dataset) == 1 else tuple(args.dataset),
+        "format": args.format,
         "audio_column": args.audio_column,
         "text_column": args.text_column,
         "train_split": args.train_split,
@@ -173,13 +180,15 @@ def train_stages(ctx, stages: list[str]) -> int:
     from training.engine.checkpoints import DISK_FULL_EXIT_CODE, CheckpointSaveFailed
     from training.engine.context import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, StageOrderError, WerGateFailed
     from training.engine.faults import fail_rank
+    from training.engine.run_folder import check_finished_stages, check_resume_path
     from training.engine.sources import load_data_and_pretrained
     from training.engine.stage import run_stage
     from training.engine.weights import initial_weights
 
     try:
+        check_resume_path(ctx, stages)  # a --resume PATH that would be ignored is refused
         initial_weights(ctx, stages[0])  # fail before any data work if the stage has nothing to start from
-        load_data_and_pretrained(ctx)
+        load_data_and_pretrained(ctx, check=lambda ctx: check_finished_stages(ctx, stages))
         for i, stage in enumerate(stages):
             if i > 0:
                 ctx.init_from = None  # later stages chain from the previous export
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports only once the arguments are known to be good.
     from training.engine.boundary import format_wer_table, write_run_report
     from training.engine.context import RunContext
-    from training.engine.faults import Phase
+    from training.engine.faults import Phase, leave_together
     from training.engine.launch import make_accelerator
     from training.engine.prepare import prepare_only, validate_only
 
@@ -263,13 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         "tensorboard", config={k: v for k, v in recipe.to_dict().items() if isinstance(v, (int, float, str, bool))}
     )
     code = train_stages(ctx, stages)
-    data = ctx.recipe.data  # the splits the run chose
-    splits = [data.heldout_split] + ([data.dev_split] if data.dev_split else [])
-    if ctx.record()["stages"]:
-        ctx.log("\nWER per stage boundary\n" + format_wer_table(ctx.record(), splits))
+    record, data = ctx.record(), ctx.recipe.data
+    if data.heldout_split is None:  # stopped before choosing splits: the ones the folder's runs chose
+        data = dataclasses.replace(data, **{k: record.get("data", {}).get(k) for k in ("heldout_split", "dev_split")})
+    splits = [s for s in (data.heldout_split, data.dev_split) if s]
+    if record["stages"]:
+        ctx.log("\nWER per stage boundary\n" + format_wer_table(record, splits))
         write_run_report(ctx)
-    accelerator.end_training()
-    return code
+    return leave_together(accelerator, code)  # ends the trackers and the process group
 
 
 if __name__ == "__main__":

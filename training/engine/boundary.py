@@ -13,6 +13,7 @@ from training.common import atomic_dir
 from training.engine.context import RunContext, WerGateFailed
 from training.engine.loaders import StageLoaders
 from training.engine.mfu import throughput
+from training.engine.weights import write_export_id
 from training.evaluation.listening import write_listening_audio
 from training.evaluation.report import write_report
 from training.evaluation.scores import (
@@ -144,7 +145,8 @@ class StageEvaluation:
 
 
 def export_stage(run: StageRun) -> Path:
-    """Stage-final weights in Hugging Face form, written atomically."""
+    """Stage-final weights in Hugging Face form, written atomically, with an id of their own (the
+    next stage's fingerprint names it: a retrained stage is never mistaken for the one it replaced)."""
     acc = run.ctx.accelerator
     final_dir = run.dir / "final"
     state_dict = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards: every process takes part
@@ -159,6 +161,7 @@ def export_stage(run: StageRun) -> Path:
                 llm_state=part("llm."),
                 adapter_state=part("adapter."),
             )
+            write_export_id(tmp, run.stage, run.state["step"])
     acc.wait_for_everyone()
     return final_dir
 
@@ -193,6 +196,8 @@ def finish_stage(run: StageRun) -> dict[str, Any]:
         **stage_throughput(run),
         "skipped_steps": state["skipped_steps"],
         "skipped_rows": dict(run.ctx.skipped_rows),
+        "fingerprint": run.fingerprint,  # a rerun into this folder reuses the stage only if both match
+        "data": run.data,
     }
     run.ctx.update_record(run.stage, result)
     write_run_report(run.ctx)

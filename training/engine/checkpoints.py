@@ -9,6 +9,8 @@ Layout of a run directory:
                                      another number of processes (engine/elastic.py)
     <stage>/checkpoints/latest       name of the newest complete checkpoint
     <stage>/checkpoints/damaged-step-000050/   one whose files failed their check, set aside
+    <stage>/checkpoints/abandoned-step-000080/ newer than the one a rollback (--resume PATH) went
+                                     back to, set aside (a second one of a name gets .2, .3, ...)
     <stage>/final/                   the stage-final export (load_omni), never deleted
     <stage>/metrics.jsonl            one line per optimizer step
 """
@@ -40,21 +42,50 @@ class StageCheckpoints:
         self.dir = stage_dir / "checkpoints"
         self.keep_last = keep_last
 
-    def latest(self) -> Path | None:
+    def _latest_name(self) -> str | None:
         pointer = self.dir / LATEST
-        if not pointer.is_file():
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def latest(self) -> Path | None:
+        name = self._latest_name()
+        if name is None:
             return None
-        path = self.dir / pointer.read_text().strip()
+        path = self.dir / name
         return path if (path / TRAINER_STATE).is_file() else None
+
+    def complete(self) -> list[Path]:
+        """Step checkpoints with their trainer_state.json, oldest first."""
+        return sorted(p for p in self.dir.glob("step-*") if (p / TRAINER_STATE).is_file())
+
+    def roll_back_to(self, chosen: Path, log: LogFn) -> None:
+        """Make `chosen` (an older checkpoint given by --resume PATH) the head of the trajectory:
+        newer ones are renamed abandoned-<name> (never deleted), so that no later save skips its
+        step as "already saved", a crash does not resume the abandoned line, and pruning keeps
+        `chosen` until the new trajectory has a newer one. Run by one rank (a single-rank phase)."""
+        newer = [p for p in self.complete() if p.name > chosen.name]
+        aside = [set_aside(p, "abandoned").name for p in newer]
+        if aside:
+            log(
+                f"rolling back to {chosen.name}: the newer checkpoints {', '.join(p.name for p in newer)} are "
+                f"set aside as {', '.join(aside)} in {self.dir} (kept, never resumed)"
+            )
+        if self._latest_name() != chosen.name:
+            write_text_atomic(self.dir / LATEST, chosen.name)
 
     def save(self, accelerator, step: int, trainer_state: dict[str, Any], log: LogFn = print) -> Path:
         """Every process takes part (DeepSpeed shards its state); the main process publishes."""
         name = f"step-{step:07d}"
         final = self.dir / name
         if (final / TRAINER_STATE).is_file():
-            # this step is already saved (a periodic save that coincides with the stage end);
-            # replacing it would leave `latest` pointing at nothing for a moment
-            return final
+            if self._latest_name() == name:
+                # this step is already saved (a periodic save that coincides with the stage end);
+                # replacing it would leave `latest` pointing at nothing for a moment
+                return final
+            # a complete folder `latest` never named (killed between the rename and the pointer):
+            # it may hold another trajectory's state, so it is kept aside, not trusted
+            if accelerator.is_main_process:
+                aside = set_aside(final, "abandoned")
+                log(f"{name} was saved but never named latest; set aside as {aside.name}")
         tmp = self.dir / f".{name}.tmp"
         if accelerator.is_main_process:
             if tmp.exists():
@@ -87,17 +118,15 @@ class StageCheckpoints:
         """The newest checkpoint whose files match their recorded sizes and checksums; newer damaged
         ones are renamed damaged-<name> (never deleted) and `latest` moves to the intact one. Run by
         one rank (a single-rank phase). StageOrderError when checkpoints exist but none is intact."""
-        complete = sorted((p for p in self.dir.glob("step-*") if (p / TRAINER_STATE).is_file()), reverse=True)
         damaged = []
-        for path in complete:
+        for path in reversed(self.complete()):
             problem = verify_files(path)
             if problem is None:
                 if damaged:
                     write_text_atomic(self.dir / LATEST, path.name)
                     log(f"resuming from {path.name}, the newest intact checkpoint")
                 return path
-            aside = path.with_name(f"damaged-{path.name}")
-            os.replace(path, aside)
+            aside = set_aside(path, "damaged")
             damaged.append(path.name)
             log(f"checkpoint {path.name} is damaged ({problem}); set aside as {aside}")
         if damaged:
@@ -118,18 +147,37 @@ class StageCheckpoints:
         return state
 
     def resume(
-        self, accelerator, path: Path, fingerprint: dict[str, Any], mode: str, stage: str, log: LogFn = print
+        self,
+        accelerator,
+        path: Path,
+        fingerprint: dict[str, Any],
+        data: dict[str, Any],
+        mode: str,
+        stage: str,
+        log: LogFn = print,
     ) -> dict[str, Any]:
-        """Load checkpoint `path` if the run may resume from it: --resume auto and the same recipe."""
+        """Load checkpoint `path` if the run may resume from it: not --resume never, the same recipe
+        and starting weights. Changed data is allowed (fixed in place, say), and said."""
         if mode == "never":
             raise StageOrderError(
                 f"[{stage}] {self.dir.parent} already holds checkpoints and --resume never was given; "
                 f"use a new --output-dir or --resume auto"
             )
-        diffs = changed_fields(json.loads((path / TRAINER_STATE).read_text())["recipe"], fingerprint)
+        saved = json.loads((path / TRAINER_STATE).read_text())
+        # fields that a checkpoint of an earlier version did not record cannot be compared: said, not refused
+        unrecorded = changed_fields(recorded_part(fingerprint, saved["recipe"]), fingerprint)
+        if unrecorded:
+            log(f"[{stage}] {path.name} predates these fields, which are not compared: {', '.join(unrecorded)}")
+        diffs = changed_fields(saved["recipe"], recorded_part(fingerprint, saved["recipe"]))
         if diffs:
             raise StageOrderError(
                 f"[{stage}] refusing to resume from {path}: the recipe changed:\n  " + "\n  ".join(diffs)
+            )
+        changed = changed_fields(saved.get("data", data), data)
+        if changed:
+            log(
+                f"[{stage}] warning: the data changed since {path.name} was saved (the order of batches from "
+                "here differs from the interrupted run's):\n  " + "\n  ".join(changed)
             )
         return self.load(accelerator, path, log)
 
@@ -155,7 +203,7 @@ class StageCheckpoints:
         )
 
     def _prune(self, keep: str) -> None:
-        complete = sorted(p for p in self.dir.glob("step-*") if (p / TRAINER_STATE).is_file())
+        complete = self.complete()
         for path in complete[: max(0, len(complete) - self.keep_last)]:
             if path.name != keep:
                 shutil.rmtree(path)
@@ -168,6 +216,18 @@ DISK_FULL_EXIT_CODE = 74  # EX_IOERR
 
 class CheckpointSaveFailed(RuntimeError):
     """A checkpoint could not be written for want of space (the previous one is kept)."""
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a checkpoint folder to <why>-<name> (then .2, .3, ... if that name is taken: the same
+    step can be set aside more than once); returns the new path."""
+    aside = path.with_name(f"{why}-{path.name}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{why}-{path.name}.{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def file_manifest(folder: Path) -> dict[str, list]:
@@ -213,8 +273,9 @@ def _out_of_space(err: BaseException, folder: Path) -> bool:
     return "no space left" in text or "quota" in text or shutil.disk_usage(folder).free < 1 << 20
 
 
-def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
-    """The fields a resumed stage must share with the run that wrote the checkpoint."""
+def recipe_fingerprint(recipe: Recipe, spec: StageSpec, starts_from: str) -> dict[str, Any]:
+    """The fields a resumed (or reused) stage must share with the run that wrote the checkpoint (or
+    finished it): the recipe, the stage's row, and the identity of the weights it starts from."""
     fields = recipe.to_dict()
     fields.pop("stages")
     fields.pop("dist_timeout_minutes")  # how long to wait for a hung rank changes no result
@@ -225,7 +286,17 @@ def recipe_fingerprint(recipe: Recipe, spec: StageSpec) -> dict[str, Any]:
     fields.pop("device_memory_gib")  # what it chose (tokens_per_micro_batch, resolved) is compared
     fields["data"].pop("speech_judge")  # who listens at the boundary changes no training
     fields["stage"] = json.loads(json.dumps(dataclasses.asdict(spec)))
+    fields["starts_from"] = starts_from
     return fields
+
+
+def recorded_part(fields: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without the keys (at any depth) that `recorded` lacks."""
+    return {
+        k: recorded_part(v, recorded[k]) if isinstance(v, dict) and isinstance(recorded[k], dict) else v
+        for k, v in fields.items()
+        if k in recorded
+    }
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -7,6 +7,9 @@
   thread's stack, then leaves at once: the process group is unusable by then, and a normal exit
   would wait in it. The launcher then stops the other ranks. Checkpoints are written atomically, so
   none that finished is lost.
+- A run that ends on its own terms (done, a WER gate, a stop signal, bad input: every rank knows)
+  ends on every rank at once with the same exit code, after rank 0 has written the record and
+  report (`leave_together`): the launcher stops the other ranks as soon as one exits with an error.
 - `OMNI_STAGE_FAULT` injects a fault for tests: "hang@RANK:STEP" (sleeps) or "crash@RANK:STEP"
   (raises) on that rank after that optimizer step.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
 import time
 
@@ -63,6 +67,24 @@ def inject_fault(acc: Accelerator, step: int) -> None:
         while True:
             time.sleep(3600)
     raise InjectedFault(f"injected crash on rank {acc.process_index} after step {step}")
+
+
+def leave_together(acc: Accelerator, code: int) -> int:
+    """End the run (trackers, process group) and return `code`. In a multi-process run every rank
+    leaves with `code`, together, once rank 0 is done with its files: a rank leaving first with an
+    error makes the launcher SIGTERM the others (exit -15 in its summary) while rank 0 may still be
+    writing, and the interpreter's teardown of a process group can abort a finished run. So: a
+    barrier, and out without the teardown."""
+    if acc.num_processes == 1:
+        acc.end_training()
+        return code
+    # whoever is still here when the first rank is gone gets the launcher's SIGTERM: same code
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    acc.wait_for_everyone()  # every path here is taken by all ranks (the code is agreed, see run.py)
+    acc.end_training()  # trackers closed, process group destroyed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def fail_rank(acc: Accelerator, phase: Phase, err: BaseException) -> None:

@@ -11,7 +11,20 @@ from typing import Any
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from training.common import LogFn
+from training.common import LogFn, write_text_atomic
+
+
+def kept_metrics(path: Path, step: int) -> tuple[list[str], list[str]]:
+    """(the lines of steps up to `step`, the unreadable ones, shortened) of a metrics.jsonl."""
+    kept, torn = [], []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if line.strip():
+                torn.append(line[:80])
+    return kept, torn
 
 
 class StepProgress:
@@ -22,12 +35,16 @@ class StepProgress:
         self.log_every, self.max_steps = log_every, max_steps
 
     def start(self, step: int) -> tqdm:
-        """Drop metrics.jsonl lines past the step we resume at; return the progress bar (a context)."""
+        """Drop metrics.jsonl lines past the step we resume at, and a line torn by a kill mid-write
+        (said); return the progress bar (a context)."""
         if self.acc.is_main_process:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-            kept = [line for line in lines if json.loads(line)["step"] <= step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept, torn = kept_metrics(self.metrics_path, step)
+            if torn:
+                self.log(
+                    f"{self.metrics_path}: dropped {len(torn)} unreadable line(s) (torn by a kill mid-write): {torn}"
+                )
+            write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         self.window: list[float] = []
         self.clock = time.time()
         self.bar = tqdm(

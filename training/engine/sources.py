@@ -10,6 +10,8 @@ comes from the user's sources through training/data.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from training.common import RECORD, write_json_atomic
 from training.data.formats import Source
@@ -32,6 +34,21 @@ def qa_dataset_name(ctx: RunContext) -> str:
     return ctx.recipe.data.qa_dataset or EMBEDDED_QA
 
 
+def data_identity(ctx: RunContext, task_mix: dict[str, float]) -> dict[str, Any]:
+    """What a stage trains and is scored on: the datasets by name and each split's rows and content
+    fingerprint (datasets' own; a manifest's follows its audio files), the QA data only for a
+    stage whose task mix reads it. A finished stage is reused, and its record trusted, only for
+    the same identity."""
+
+    def splits(chosen: dict[str, Any]) -> dict[str, Any]:
+        return {name: {"rows": len(ds), "fingerprint": ds._fingerprint} for name, ds in sorted(chosen.items())}
+
+    identity: dict[str, Any] = {"dataset": dataset_name(ctx), "splits": splits(ctx.splits)}
+    if ctx.qa_splits and any(task != "asr" and weight > 0 for task, weight in task_mix.items()):
+        identity |= {"qa_dataset": qa_dataset_name(ctx), "qa_splits": splits(ctx.qa_splits)}
+    return identity
+
+
 def speech_data(ctx: RunContext) -> Chosen:
     """The run's speech splits: the embedded corpus, one user dataset, or several mixed by weight."""
     spec, seed = ctx.recipe.data, ctx.recipe.seed
@@ -42,7 +59,7 @@ def speech_data(ctx: RunContext) -> Chosen:
         corpus = demo_speech(ctx.cache_dir, ctx.recipe.corpus_scale, ctx.log)
         return asr_splits(Source.of(corpus, EMBEDDED, "synthesized speech"), spec, seed)
     parts = [
-        (where, weight, asr_splits(load_source(where, asr_audio_columns(spec)), spec, seed))
+        (where, weight, asr_splits(load_source(where, asr_audio_columns(spec), spec.format), spec, seed))
         for where, weight in entries
     ]
     return parts[0][2] if len(parts) == 1 else mix(parts, seed, ctx.cache_dir / "mixed")
@@ -120,19 +137,23 @@ def load_data(ctx: RunContext) -> None:
     ctx.log("\n".join(notes))
 
 
-def load_data_and_pretrained(ctx: RunContext) -> None:
+def load_data_and_pretrained(ctx: RunContext, check: Callable[[RunContext], None] | None = None) -> None:
     """load_data, a check of a sample of every split's rows (DataSpec.validate_rows, spread evenly),
-    and the pretrained parts. Rank 0 goes first and fills the caches; the others then read them
-    (a single-rank phase: engine/rank_zero.py)."""
+    `check` (every rank, e.g. whether the run folder may be reused: refused before any stand-in is
+    built), and the pretrained parts. Rank 0 goes first and fills the caches; the others then read
+    them (single-rank phases: engine/rank_zero.py)."""
     from training.engine.prepare import validate_splits
 
     ctx.enter("loading the data and pretrained parts", watch=False)
-    with rank_zero_first(ctx.accelerator, "loading the data and pretrained parts"):
+    with rank_zero_first(ctx.accelerator, "loading the data"):
         load_data(ctx)
+        validate_splits(ctx, *audio_window(ctx), ctx.recipe.data.validate_rows)
+    if check is not None:
+        check(ctx)
+    with rank_zero_first(ctx.accelerator, "loading the pretrained parts"):
         if ctx.accelerator.is_main_process:  # no barrier: a single-rank phase (engine/rank_zero.py)
             record, spec = ctx.record(), ctx.recipe.data
             record["data"] = {"dataset": dataset_name(ctx), **{k: getattr(spec, k) for k in RECORDED_CHOICES}}
             write_json_atomic(ctx.output_dir / RECORD, record)
-        validate_splits(ctx, *audio_window(ctx), ctx.recipe.data.validate_rows)
         if ctx.recipe.encoder is None or ctx.pretrained is None:
             ctx.pretrained = pretrained_parts(ctx)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +22,11 @@ from training.engine.mfu import StepFlops, device_peak_tflops
 from training.engine.prepare import prepared_splits
 from training.engine.progress import StepProgress
 from training.engine.rank_zero import rank_zero_first
+from training.engine.run_folder import finished_stage, resume_checkpoint
+from training.engine.sources import data_identity
 from training.engine.step import StepStats, forward_backward, optimizer_step
-from training.engine.weights import PRETRAINED, initial_weights, make_model
-from training.model import is_omni_export, optimizer_groups, parameter_summary, set_trainable
+from training.engine.weights import PRETRAINED, initial_weights, make_model, weights_identity
+from training.model import optimizer_groups, parameter_summary, set_trainable
 from training.stages import RecipeError, lr_at
 
 
@@ -42,14 +43,16 @@ class StageRun:
         self.ctx.log(f"[{self.stage}] {message}")
 
     def completed(self) -> dict[str, Any] | None:
-        done = self.ctx.record()["stages"].get(self.stage)
-        return done if done and done.get("complete") and is_omni_export(self.dir / "final") else None
+        """This stage's record when it already finished in this folder as part of this same run
+        (engine/run_folder.py: StageOrderError when it finished as part of another)."""
+        return finished_stage(self.ctx, self.stage, initial_weights(self.ctx, self.stage))
 
     def run(self) -> dict[str, Any]:
-        done = self.completed()
-        if done:
-            self.log(f"already complete (export at {self.dir / 'final'}); skipping")
-            return done
+        if resume_checkpoint(self.ctx, self.stage) is None:  # --resume PATH of this stage: train from there
+            done = self.completed()
+            if done:
+                self.log(f"already complete (export at {self.dir / 'final'}); skipping")
+                return done
         self.setup()
         self.train()
         return self.finish()
@@ -111,10 +114,12 @@ class StageRun:
         self.evaluation = StageEvaluation(
             ctx, self.model, self.tokenizer, loaders, self.log, self.dir, self.feature_extractor
         )
-        if self.source == PRETRAINED and "before" not in ctx.record()["stages"]:
+        self.data = data_identity(ctx, spec.task_mix)
+        before = ctx.record()["stages"].get("before")
+        if self.source == PRETRAINED and (before is None or before.get("data") != self.data):
             self.log("evaluating the untrained pipeline")
-            ctx.update_record("before", self.evaluation.before_training())
-        self.fingerprint = recipe_fingerprint(recipe, spec)
+            ctx.update_record("before", {**self.evaluation.before_training(), "data": self.data})
+        self.fingerprint = recipe_fingerprint(recipe, spec, weights_identity(self.source))
         self.state = {
             "step": 0,
             "epoch": 0,
@@ -126,18 +131,23 @@ class StageRun:
             "skipped_steps": 0,
             "nonfinite_in_a_row": 0,
             "recipe": self.fingerprint,
+            "data": self.data,
         }
         self.resume()
 
     def resume(self) -> None:
-        """From --resume PATH when it is this stage's, else the newest intact checkpoint (damaged
-        newer ones are set aside first, by rank 0 alone)."""
+        """From --resume PATH when it is this stage's (a rollback when it is older than the newest:
+        the newer ones are set aside), else the newest intact checkpoint (damaged newer ones are set
+        aside first). Rank 0 alone moves folders."""
         ctx, acc = self.ctx, self.ctx.accelerator
-        given = Path(ctx.resume) if ctx.resume not in ("auto", "never") else None
-        if given is not None and given.resolve().parent == self.checkpoints.dir.resolve():
+        given = resume_checkpoint(ctx, self.stage)
+        if given is not None:
             problem = verify_files(given)
             if problem is not None:
                 raise StageOrderError(f"--resume {given}: {problem}")
+            with rank_zero_first(acc, f"stage {self.stage}: rolling back"):
+                if acc.is_main_process:
+                    self.checkpoints.roll_back_to(given, self.log)
             latest = given
         else:
             if ctx.resume != "never":
@@ -147,7 +157,7 @@ class StageRun:
             latest = self.checkpoints.latest()
         if latest is not None:
             mode = "auto" if given is not None else ctx.resume
-            self.state = self.checkpoints.resume(acc, latest, self.fingerprint, mode, self.stage, self.log)
+            self.state = self.checkpoints.resume(acc, latest, self.fingerprint, self.data, mode, self.stage, self.log)
             self.log(f"resumed from {latest} at step {self.state['step']}")
 
     # -- train ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ pretrained parts with a fresh adapter."""
 from __future__ import annotations
 
 import hashlib
+import json
+import uuid
 from pathlib import Path
 
 from training.common import build_once
@@ -15,6 +17,7 @@ from training.model.litgpt import ExportError
 from training.stages import STAGE_NAMES
 
 PRETRAINED = "pretrained"
+EXPORT_ID = "stage_export.json"  # in each stage export: a new id per export, so a retrained one differs
 
 
 def initial_weights(ctx: RunContext, stage: str) -> str:
@@ -40,6 +43,23 @@ def initial_weights(ctx: RunContext, stage: str) -> str:
         f"stage '{stage}' starts from stage '{previous}''s final checkpoint, but there is none at {final}. "
         f"Run --stage {previous} (or --stage all) first, or pass --init-from PATH to a stage export."
     )
+
+
+def weights_identity(source: str) -> str:
+    """What a stage starts from, for the resume fingerprint: PRETRAINED (the recipe names the parts),
+    a stage export's own id (a new one each time a stage finishes), else the folder's path."""
+    if source == PRETRAINED:
+        return PRETRAINED
+    marker = Path(source) / EXPORT_ID
+    if marker.is_file():
+        return json.loads(marker.read_text())["id"]
+    return str(Path(source).resolve())
+
+
+def write_export_id(folder: Path, stage: str, step: int) -> str:
+    export_id = f"{stage}-step{step}-{uuid.uuid4().hex[:12]}"
+    (folder / EXPORT_ID).write_text(json.dumps({"id": export_id, "stage": stage, "step": step}))
+    return export_id
 
 
 def is_mini_omni_folder(path: Path) -> bool:
