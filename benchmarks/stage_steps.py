@@ -4,7 +4,7 @@ Builds whisper-small's encoder and Qwen2-0.5B from their published configs (rand
 download), grows the vocabulary to 181,120 rows, and runs real optimizer steps of a stage through
 Accelerate (+ DeepSpeed when launched with a DeepSpeed config) on synthetic encoder states of a
 given length. Prints steps/s, tokens/s (all 8-stream positions), model TFLOP/s and MFU
-(engine/mfu.py: the same count the training log uses) and peak accelerator memory.
+(engine/mfu.py over model/flops.py: the count the training log uses) and peak accelerator memory.
 
 The recipe's speed knobs, to compare on one warm machine: `--packed` (each process's rows end to
 end in one row, as `packing: true` lays them out), `--attn {sdpa,eager,flash_attention_2}`,
@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.data.batching import SpeechTextCollator  # noqa: E402
 from training.engine.budget import device_capacity, step_estimate  # noqa: E402
 from training.engine.launch import make_accelerator  # noqa: E402
-from training.engine.mfu import StepFlops, device_peak_tflops, throughput  # noqa: E402
+from training.engine.mfu import device_peak_tflops, throughput  # noqa: E402
 from training.model import build_model, model_inputs, optimizer_groups, parameter_summary, set_trainable  # noqa: E402
+from training.model.flops import StepFlops, squared_sample_lengths  # noqa: E402
 from training.model.memory import largest_budget  # noqa: E402
 from training.model.untrained import save_untrained_checkpoints  # noqa: E402
 from training.speech.layout import IGNORE  # noqa: E402
@@ -179,6 +180,7 @@ def main() -> None:
     labels = device_batches[0]["labels"][:, :, 1:]
     stream_tokens = [float((labels[:, s] != IGNORE).sum()) for s in range(labels.shape[1])]
     speech_positions = float(device_batches[0]["audio_mask"].sum())
+    squared_lengths = float(squared_sample_lengths(device_batches[0]).sum())
     step_times = []
     for step in range(args.warmup + args.steps):
         if torch.cuda.is_available():
@@ -194,7 +196,12 @@ def main() -> None:
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
     seconds = float(np.median(step_times))
-    flops = step_flops.of_step(positions, args.batch_size, stream_tokens, speech_positions)
+    flops = step_flops.of_step(
+        positions=positions,
+        squared_lengths=squared_lengths,
+        stream_tokens=stream_tokens,
+        speech_positions=speech_positions,
+    )
     rates = throughput(flops, seconds, 1, device_peak_tflops(accelerator.device))  # per process
     figures = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -32,6 +32,16 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under {NO_SKIPS}=1 (CI runs every test): {reason}"
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one state per process: a test's bare Accelerator() (fp32) must not fix the
+    precision of a later in-process run, which asks for bf16 on a GPU (and is refused otherwise)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)

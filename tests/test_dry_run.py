@@ -6,11 +6,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from tests.helpers import tiny_model
-from training.model import parameter_summary, set_trainable
-from training.model.dry_run import DryRun, DryRunError, build_meta_model, config_folder, dry_run, format_dry_run
+from tests.helpers import TINY_WHISPER, tiny_model
+from training.data.batching import SpeechTextCollator
+from training.model import model_inputs, parameter_summary, set_trainable
+from training.model.dry_run import (
+    DryRun,
+    DryRunError,
+    build_meta_model,
+    config_folder,
+    dry_run,
+    format_data_cost,
+    format_dry_run,
+)
 from training.stages import MINI_OMNI, STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,9 +130,8 @@ def test_cli_exits_0_quickly_without_a_launcher():
 def test_feature_cache_size_and_encoder_share_for_the_recipes_hours():
     """Mini-Omni's ASR data (~8,600 h): whisper-small's 50 frames/s x 768 floats cost 553 MB per hour
     in fp32, half that in bf16 (the cache's default); the encoder's forward over its 1,500-position
-    window is 2 x 88.2 M x 1,500 FLOPs a row."""
-    from training.model.dry_run import format_data_cost
-
+    window: 12 layers of 4 x 768^2 + 2 x 768 x 3,072 weights, the convolutions (80 x 768 x 3 over
+    3,000 mel frames, 768 x 768 x 3 over 1,500 positions) and attention (4 x 12 x 768 x 1,500^2)."""
     result = dry_run(MINI_OMNI, STAGE_NAMES, gpus_per_node=8, nodes=1, speech_hours=8_600)
     lines = format_data_cost(result)
     assert lines[0].startswith("data: 8,600 h of speech (--speech-hours) = 1,548,000,000 encoder frames of 768")
@@ -128,10 +139,39 @@ def test_feature_cache_size_and_encoder_share_for_the_recipes_hours():
         "feature cache on disk (data.encoder_states 'cache'): 2,377.7 GB in bf16 (data.feature_cache_dtype, "
         "the default; 276 MB per hour), 4,755.5 GB in fp32"
     )
-    encoder = 2 * WHISPER_SMALL_ENCODER * 1500
-    assert f"({encoder / 1e9:,.0f} GFLOP of" in lines[2]  # 264 GFLOP a row
+    weights = 12 * (4 * 768**2 + 2 * 768 * 3072) + 2 * 80 * 768 * 3 + 768 * 768 * 3
+    encoder = 2 * weights * 1500 + 4 * 12 * 768 * 1500**2
+    assert f"({encoder / 1e9:,.0f} GFLOP of" in lines[2]  # 344 GFLOP a row
     shares = [int(line.split(" would be ")[1].split("%")[0]) for line in lines[2:]]
-    assert len(shares) == 3 and all(5 < s < 30 for s in shares) and shares[0] > shares[2]  # asr trains least
+    assert len(shares) == 3 and all(15 < s < 35 for s in shares) and shares[0] > shares[2]  # asr trains least
+
+
+def test_data_cost_is_the_mfu_count_of_a_real_row(tiny_checkpoints):
+    """On tiny local checkpoints, per stage: the FLOPs of a row of the dry run's shape and of the
+    encoder's forward are what torch's FLOP counter sees in the real model (the count the MFU uses,
+    tests/test_mfu.py), so the encoder share printed is theirs."""
+    encoder, llm = tiny_checkpoints
+    recipe = dataclasses.replace(MINI_OMNI, encoder=encoder, llm=llm, adapter_hidden=None)
+    result = dry_run(recipe, STAGE_NAMES, gpus_per_node=1, speech_seconds=2.0, text_tokens=5)
+    model, _, _ = tiny_model(tiny_checkpoints, frame_stack=recipe.frame_stack, seed=0)
+    model.llm.set_attn_implementation("eager")  # attention as matmuls the counter sees
+    model.encoder.set_attn_implementation("eager")
+    with FlopCounterMode(display=False) as counter:
+        model.encode(torch.zeros(1, model.encoder.config.num_mel_bins, model.n_mel_frames))
+    encoder_flops = counter.get_total_flops()
+    frames = int(2.0 * 1000 / 20) + 1  # Whisper: a state per 20 ms, plus one
+    states = np.zeros((frames, TINY_WHISPER["d_model"]), "float32")
+    row = {"n_frames": frames, "encoder_states": states, "text_ids": np.arange(10, 15), "text": ""}
+    batch = model_inputs(SpeechTextCollator(model.layout, recipe.frame_stack)([row]))
+    assert int(batch["attention_mask"].sum()) == result.seq_len
+    for rep, line in zip(result.stages, format_data_cost(result)[2:]):
+        set_trainable(model, rep.stage.trainable, rep.stage.train_text_specials)
+        with FlopCounterMode(display=False) as counter:
+            model(**batch)["loss"].backward()
+        model.zero_grad()
+        step_flops = counter.get_total_flops()
+        assert f"would be {encoder_flops / (encoder_flops + step_flops):.0%} of its FLOPs" in line
+        assert result.row_flops(rep.flops) == step_flops and result.encoder_flops == encoder_flops
 
 
 def test_token_budgets_per_profile(real):

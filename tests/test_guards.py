@@ -50,11 +50,26 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(quick_r
     assert read_json(latest / TRAINER_STATE)["step"] == 6
 
 
-def test_precision_policy_is_fp32_on_cpu():
-    assert not torch.cuda.is_available()
-    assert resolve_precision("auto") == "no"
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "auto"),
+    [(False, False, "no"), (True, True, "bf16"), (True, False, "no")],
+    ids=["cpu", "bf16-gpu", "gpu-without-bf16"],
+)
+def test_precision_policy_follows_the_hardware(monkeypatch, cuda, bf16, auto):
+    """Precision "auto" is bf16 where a GPU has it, fp32 (Accelerate's "no") elsewhere; a named one
+    is kept. Every branch runs on any machine: the CUDA queries answer what each case sets."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolve_precision("auto") == auto
     assert resolve_precision("fp32") == "no"
     assert resolve_precision("bf16") == "bf16"
+
+
+def test_precision_policy_on_this_machine():
+    """Unpatched: a CPU-only machine trains in fp32, a GPU from Ampere on (compute capability 8+,
+    every card the MFU table names) in bf16, an older one (bf16 only emulated) in fp32."""
+    native = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    assert resolve_precision("auto") == ("bf16" if native else "no")
 
 
 def test_launch_checks_name_the_knob(quick_recipe):

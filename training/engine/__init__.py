@@ -8,9 +8,11 @@
   loaders.py      the stage's loaders and score floors
   budget.py       tokens_per_micro_batch "auto": the budget this process's GPU holds
   step.py         one optimizer step: global-token loss, non-finite skip, StepStats
+  mfu.py          MFU: a step's FLOPs (model/flops.py) over the device's dense bf16 peak
   guards.py       stop signals, non-finite patience, early stopping
-  checkpoints.py  atomic step checkpoints with file checksums, `latest`, damaged ones set aside,
-                  a full disk reported, resume fingerprints
+  checkpoints.py  atomic step checkpoints with file checksums, `latest`, damaged and abandoned ones
+                  set aside, a full disk reported, resume fingerprints
+  run_folder.py   when a finished stage in --output-dir may be reused; --resume PATH checked
   rank_zero.py    single-rank phases: rank 0 works while the others wait on the store, no collective
   faults.py       a failing rank's phase, stacks and exit code; the stack watchdog; the test fault hook
   boundary.py     export, held-out scores, record, WER gate, report at the stage's end

@@ -21,10 +21,12 @@ from training.stages import Recipe, RecipeError
 
 
 def resolve_precision(precision: str) -> str:
-    """The recipe's precision policy as Accelerate's mixed_precision: bf16 where the hardware has
-    it, fp32 on CPU (bf16 matmuls there are slow and the demo is small)."""
+    """The recipe's precision policy as Accelerate's mixed_precision: bf16 where the GPU computes
+    it natively (Ampere on; torch counts older cards' emulation as support unless told not to),
+    fp32 elsewhere, CPU included (bf16 matmuls there are slow and the demo is small)."""
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        precision = "bf16" if native else "fp32"
     return "no" if precision == "fp32" else precision
 
 

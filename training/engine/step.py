@@ -16,6 +16,7 @@ from accelerate.utils import DistributedType
 from training.engine.context import NonFiniteLoss
 from training.engine.mfu import throughput
 from training.model import OmniModel, model_inputs
+from training.model.flops import squared_sample_lengths
 from training.speech.layout import N_STREAMS
 from training.stages import TASKS, lr_at
 
@@ -36,7 +37,7 @@ class StepStats:
     task_tokens: torch.Tensor  # [tasks]
     real_positions: torch.Tensor  # [1] attended positions
     positions: torch.Tensor  # [1] all positions, padding included
-    rows: torch.Tensor  # [1] samples (a packed row holds several)
+    squared_lengths: torch.Tensor  # [1] each sample's length squared, summed (attention's FLOPs)
     speech_positions: torch.Tensor  # [1] positions the adapter fills
 
     @classmethod
@@ -59,7 +60,7 @@ class StepStats:
             task_tokens=task_onehot.T @ row_counts.sum(-1),
             real_positions=attention.sum().float()[None],
             positions=torch.tensor([float(attention.numel())], device=row_sums.device),
-            rows=torch.tensor([float(row_sums.shape[0])], device=row_sums.device),
+            squared_lengths=squared_sample_lengths(batch).to(row_sums.device),
             speech_positions=batch["audio_mask"].sum().float().to(row_sums.device)[None],
         )
 
@@ -171,7 +172,10 @@ def optimizer_step(run: StageRun) -> dict[str, float] | None:
     seconds = max(time.time() - step_clock, 1e-9)
     metrics |= {"lr": lr, "tokens_per_s": metrics["tokens"] / seconds}
     flops = run.step_flops.of_step(
-        metrics["tokens"], reduced.rows.item(), reduced.stream_tokens.tolist(), reduced.speech_positions.item()
+        positions=metrics["tokens"],
+        squared_lengths=reduced.squared_lengths.item(),
+        stream_tokens=reduced.stream_tokens.tolist(),
+        speech_positions=reduced.speech_positions.item(),
     )
     metrics |= throughput(flops, seconds, acc.num_processes, run.peak_tflops)
     state["model_flops"] = state.get("model_flops", 0.0) + flops  # for the stage's mean (run record)

@@ -9,6 +9,8 @@
   export.py     Mini-Omni's litgpt checkpoint and a Hugging Face folder, both ways (CLI)
   litgpt.py     Mini-Omni's litgpt names, fused QKV layout and config keys (used by export.py)
   dry_run.py    the model on the meta device: parameters, memory per GPU, tokens per step
+  flops.py      the FLOPs of a training step (the MFU's count) and of the frozen encoder's forward
+                (the dry run's data cost)
   memory.py     model states per profile, activations measured from the LLM's own layers, the
                 largest token budget that fits
   untrained.py  random-weight checkpoints of given shapes, saved like real ones (tests, benchmarks)

@@ -4,10 +4,9 @@ The model is built on the meta device from config files only (no weights are rea
 downloaded), with the stage table's `trainable` / `train_text_specials` applied through the same
 `set_trainable` the loop uses, so the counts are the ones training would see. Per stage it prints
 parameter counts per module, the memory the model states need per GPU under each hardware
-profile, and the tokens per optimizer step.
-
-Where the configs come from: a recipe's encoder / llm that is a local folder is read from its
-config.json; a hub id that is not a local folder falls back to the configs shipped under
+profile, the tokens per optimizer step, and the frozen encoder's share of a row's FLOPs (the
+count the training log's MFU uses, model/flops.py). A recipe's encoder / llm that is a local
+folder is read from its config.json; a hub id that is not falls back to the configs shipped under
 `configs/` (written from the published model configs), and the output says so.
 
 Memory (model/memory.py): model states per profile from DeepSpeed's own estimators, activations
@@ -28,6 +27,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from training.model import OmniConfig, OmniModel, grow_vocabulary, parameter_summary, set_trainable
+from training.model.flops import StepFlops, encoder_forward_flops
 from training.model.memory import (
     GIB,
     RESERVED_BYTES,
@@ -41,7 +41,7 @@ from training.model.memory import (
     memory_per_gpu,
     usable_bytes,
 )
-from training.speech.layout import VocabLayout, n_adapter_frames, n_encoder_frames
+from training.speech.layout import TEXT_ROW, VocabLayout, n_adapter_frames, n_encoder_frames
 from training.stages import MODULES, Recipe, StageSpec
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -129,6 +129,7 @@ class StageReport:
     memory: list[Memory]
     activations: Activations | None = None
     budgets: tuple[int, ...] = ()  # per profile, in memory's order: the largest tokens_per_micro_batch
+    flops: StepFlops | None = None  # the MFU's count (model/flops.py) of this stage's training
 
     @property
     def in_optimizer(self) -> int:
@@ -149,8 +150,7 @@ class DryRun:
     text_tokens: int
     seq_len: int
     stages: list[StageReport]
-    encoder_params: int = 0
-    encoder_positions: int = 0  # the encoder's window: it runs on every clip padded to it
+    encoder_flops: int = 0  # its forward over its whole window: it runs on every clip padded to it
     encoder_width: int = 0
     speech_hours: float = 1.0
     gpu_memory_gib: float = 80.0
@@ -175,6 +175,16 @@ class DryRun:
         if self.recipe.tokens_per_micro_batch != "auto":
             return [self.tokens_per_step] * len(report.memory)
         return [b * self.world * self.recipe.grad_accum for b in report.budgets]
+
+    @property
+    def speech_positions(self) -> int:
+        return self.seq_len - PROMPT_EXTRA - self.text_tokens - ANSWER_EXTRA
+
+    def row_flops(self, flops: StepFlops) -> float:
+        """Training FLOPs of one row of this shape, its text answer and eot labelled."""
+        labelled = [0.0] * TEXT_ROW + [float(self.text_tokens + ANSWER_EXTRA)]  # the text stream comes last
+        shape = {"positions": self.seq_len, "squared_lengths": self.seq_len**2}
+        return flops.of_step(**shape, stream_tokens=labelled, speech_positions=self.speech_positions)
 
 
 def sequence_length(seconds: float, text_tokens: int, frame_stack: int, sampling_rate: int, max_frames: int) -> int:
@@ -256,7 +266,7 @@ def dry_run(
         activations, budgets = stage_budgets(
             recipe, spec, llm_config, memory, int(gpu_memory_gib * GIB), row, model.llm.lm_head.weight.requires_grad
         )
-        reports.append(StageReport(spec, modules, memory, activations, budgets))
+        reports.append(StageReport(spec, modules, memory, activations, budgets, StepFlops.of(model)))
     return DryRun(
         recipe=recipe,
         sources=[encoder_line, llm_line],
@@ -270,8 +280,7 @@ def dry_run(
         text_tokens=tokens,
         seq_len=seq_len,
         stages=reports,
-        encoder_params=count(model.encoder.parameters()),
-        encoder_positions=max_frames,
+        encoder_flops=encoder_forward_flops(model.encoder),
         encoder_width=model.encoder.config.d_model,
         speech_hours=speech_hours if speech_hours is not None else 1.0,
         gpu_memory_gib=gpu_memory_gib,
@@ -303,7 +312,7 @@ def format_dry_run(result: DryRun) -> str:
         f"  LLM: {result.llm_pretrained:,} parameters as published; {result.llm_grown:,} after growing the vocabulary "
         f"{result.text_vocab:,} -> {result.total_vocab:,} rows",
         f"sequence: {result.speech_seconds:g} s speech -> "
-        f"{result.seq_len - PROMPT_EXTRA - result.text_tokens - ANSWER_EXTRA} speech positions + {PROMPT_EXTRA} "
+        f"{result.speech_positions} speech positions + {PROMPT_EXTRA} "
         f"prompt tokens + {result.text_tokens} text tokens + eot = {result.seq_len} positions "
         "(--speech-seconds / --text-tokens change it)",
         _step_line(result),
@@ -402,10 +411,7 @@ def format_data_cost(result: DryRun) -> list[str]:
     frames_per_hour = 3600 * ENCODER_FRAMES_PER_SECOND
     per_hour = frames_per_hour * result.encoder_width
     hours = result.speech_hours
-    # FLOPs per row: the encoder's forward over its whole padded window; the LLM's forward (2N per
-    # position), backward through it (2N) and the weight gradients of what trains (2 x trainable).
-    encoder = 2 * result.encoder_params * result.encoder_positions
-    llm = result.llm_grown
+    encoder = result.encoder_flops
     lines = [
         f"data: {hours:,g} h of speech (--speech-hours) = {hours * frames_per_hour:,.0f} encoder frames of "
         f"{result.encoder_width} values",
@@ -414,7 +420,7 @@ def format_data_cost(result: DryRun) -> list[str]:
         f"{hours * per_hour * 4 / 1e9:,.1f} GB in fp32",
     ]
     for rep in result.stages:
-        step = (4 * llm + 2 * rep.modules["llm"][2] + 6 * rep.modules["adapter"][2]) * result.seq_len
+        step = result.row_flops(rep.flops)
         share = encoder / (encoder + step)
         lines.append(
             f"  stage {rep.stage.name}: the frozen encoder computed in the step would be {share:.0%} of its "
@@ -436,17 +442,9 @@ def main_dry_run(
     """run.py's --dry-run branch: print the report; exit code 0, or 2 on a config problem."""
     from training.stages import STAGE_NAMES
 
+    names = list(STAGE_NAMES) if stage == "all" else [stage]
     try:
-        result = dry_run(
-            recipe,
-            list(STAGE_NAMES) if stage == "all" else [stage],
-            gpus_per_node,
-            nodes,
-            speech_seconds,
-            text_tokens,
-            speech_hours,
-            gpu_memory_gib,
-        )
+        result = dry_run(recipe, names, gpus_per_node, nodes, speech_seconds, text_tokens, speech_hours, gpu_memory_gib)
     except DryRunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

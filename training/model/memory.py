@@ -22,7 +22,7 @@ and the output slice's weight gradient. What is not counted: the CUDA context an
 fragmentation (the `usable` allowance below), and the frozen encoder run in the step
 (`data.encoder_states: step`; inference only, freed before the LLM runs). Against real steps
 (benchmarks/activation_memory.py on the CPU, benchmarks/stage_steps.py on a GPU) the estimate is
-about 1.2x the measured peak.
+1.2-1.3x the measured peak.
 """
 
 from __future__ import annotations
