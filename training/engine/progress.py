@@ -42,7 +42,7 @@ class StepProgress:
             kept, torn = kept_metrics(self.metrics_path, step)
             if torn:
                 self.log(
-                    f"{self.metrics_path}: dropped {len(torn)} unreadable line(s) (torn by a kill mid-write): {torn}"
+                    f"{self.metrics_path}: dropped {len(torn)} unreadable line(s), torn by a kill mid-write: {torn}"
                 )
             write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         self.window: list[float] = []
