@@ -55,12 +55,11 @@ def check_finished_stages(ctx: RunContext, stages: list[str]) -> None:
     for i, stage in enumerate(stages):
         if resume_checkpoint(ctx, stage) is not None:
             return
-        first = i == 0 and ctx.init_from is not None or STAGE_NAMES.index(stage) == 0
-        source = (
-            initial_weights(ctx, stage)
-            if first
-            else str(ctx.stage_dir(STAGE_NAMES[STAGE_NAMES.index(stage) - 1]) / "final")
-        )
+        index = STAGE_NAMES.index(stage)
+        if index == 0 or (i == 0 and ctx.init_from is not None):
+            source = initial_weights(ctx, stage)
+        else:  # a later stage of this command starts from the previous one's export (as train_stages runs it)
+            source = str(ctx.stage_dir(STAGE_NAMES[index - 1]) / "final")
         if finished_stage(ctx, stage, source) is None:
             return
 
