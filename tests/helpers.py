@@ -197,6 +197,11 @@ def with_arg(args: list[str], flag: str, value: str) -> list[str]:
     return out
 
 
+def run_into(args: list[str], out: Path, steps: int) -> list[str]:
+    """`args` (e.g. conftest.py's `small_run`) for a run of `steps` steps into `out`, its cache in `out/c`."""
+    return [*args, "--max-steps", str(steps), "--output-dir", str(out), "--cache-dir", str(out / "c")]
+
+
 def small_run_args(dataset: Path, recipe: Path, checkpoints: tuple[str, str], **recipe_fields: Any) -> list[str]:
     """training/run.py's arguments for an asr run of the tiny checkpoints on `dataset`; the recipe
     (8 rows a batch, a checkpoint every 4 steps, no WER gates, plus `recipe_fields`) is written to

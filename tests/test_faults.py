@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import asr_losses, launched, launched_processes, recipe_variant, with_arg
+from tests.helpers import asr_losses, launched, launched_processes, recipe_variant, run_into, with_arg
 from training.engine.faults import CRASH_EXIT_CODE
 from training.run import main
 
@@ -129,7 +129,7 @@ def test_nothing_outlives_a_launch(small_run, tmp_path):
 @pytest.fixture(scope="module")
 def uninterrupted(small_run, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("uninterrupted")
-    assert main([*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]) == 0
+    assert main(run_into(small_run, out, 12)) == 0
     return asr_losses(out)
 
 
@@ -139,7 +139,7 @@ def _interrupted_at_10(small_run, out: Path, monkeypatch) -> None:
 
     monkeypatch.setenv("OMNI_STAGE_FAULT", "crash@0:10")
     with pytest.raises(InjectedFault):
-        main([*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")])
+        main(run_into(small_run, out, 12))
     monkeypatch.delenv("OMNI_STAGE_FAULT")
     names = sorted(p.name for p in (out / "asr" / "checkpoints").glob("step-*"))
     assert names == ["step-0000004", "step-0000008"]
@@ -161,7 +161,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_intact_one_used(
     else:
         weights.unlink()
     capsys.readouterr()
-    assert main([*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]) == 0
+    assert main(run_into(small_run, out, 12)) == 0
     log = capsys.readouterr().out
     problem = {
         "truncated": "model.safetensors is 1,000 bytes",
@@ -180,7 +180,7 @@ def test_no_intact_checkpoint_is_exit_2(small_run, tmp_path, monkeypatch, capsys
     for step in ("step-0000004", "step-0000008"):
         (out / "asr" / "checkpoints" / step / "model.safetensors").write_bytes(b"x" * 10)
     capsys.readouterr()
-    assert main([*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]) == 2
+    assert main(run_into(small_run, out, 12)) == 2
     log = capsys.readouterr().out
     assert "every checkpoint in" in log and "is damaged (step-0000008, step-0000004" in log
 
@@ -190,7 +190,7 @@ def test_resume_from_a_given_checkpoint(small_run, tmp_path, monkeypatch, capsys
     _interrupted_at_10(small_run, out, monkeypatch)
     given = out / "asr" / "checkpoints" / "step-0000004"
     capsys.readouterr()
-    args = [*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]
+    args = run_into(small_run, out, 12)
     assert main([*args, "--resume", str(given)]) == 0
     assert f"resumed from {given} at step 4" in capsys.readouterr().out
 
@@ -199,7 +199,7 @@ def test_a_full_disk_is_one_clear_message_and_nothing_is_lost(small_run, uninter
     from accelerate import Accelerator
 
     out = tmp_path / "run"
-    args = [*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]
+    args = run_into(small_run, out, 12)
     real_save, saves = Accelerator.save_state, []
 
     def save_state(self, output_dir, *a, **kw):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import asr_losses, asr_run_args, launched, recipe_variant
+from tests.helpers import asr_losses, asr_run_args, launched, recipe_variant, run_into
 from training.common import atomic_dir
 from training.engine.checkpoints import StageCheckpoints, verify_files
 from training.engine.context import REQUEUE_EXIT_CODE
@@ -127,7 +127,7 @@ main(args)
 @pytest.fixture(scope="module")
 def small_uninterrupted(small_run, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("small-straight")
-    assert main([*small_run, "--max-steps", "12", "--output-dir", str(out), "--cache-dir", str(out / "c")]) == 0
+    assert main(run_into(small_run, out, 12)) == 0
     return asr_losses(out)
 
 
@@ -137,7 +137,7 @@ def test_a_save_killed_between_its_writes_keeps_the_previous_checkpoint(
 ):
     """A real save of step 8 killed at each of its writes: step 4 stays `latest` and intact, and
     the resumed run equals an uninterrupted one."""
-    args = [*small_run, "--max-steps", "12", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+    args = run_into(small_run, tmp_path, 12)
     killed = subprocess.run([sys.executable, "-c", _KILLED_IN_SAVE, point, *args], cwd=ROOT, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     ckpts = StageCheckpoints(tmp_path / "asr", keep_last=2)

@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.helpers import asr_losses, recipe_variant, with_arg
+from tests.helpers import asr_losses, recipe_variant, run_into, with_arg
 from training.engine.faults import InjectedFault
 from training.run import main
-
-
-def _args(small_run: list[str], out: Path, steps: int) -> list[str]:
-    return [*small_run, "--max-steps", str(steps), "--output-dir", str(out), "--cache-dir", str(out / "c")]
 
 
 def _crash(args: list[str], after_step: int, monkeypatch) -> None:
@@ -44,7 +40,7 @@ def keep_three(small_run, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted_16(keep_three, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("straight16")
-    assert main(_args(keep_three, out, 16)) == 0
+    assert main(run_into(keep_three, out, 16)) == 0
     return asr_losses(out)
 
 
@@ -53,10 +49,10 @@ def test_a_rollback_stays_rolled_back(keep_three, uninterrupted_16, tmp_path, mo
     new trajectory's step 8 (not the abandoned 12) and ends equal to an uninterrupted run."""
     out = tmp_path / "run"
     ckpts = out / "asr" / "checkpoints"
-    _crash(_args(keep_three, out, 16), 13, monkeypatch)
+    _crash(run_into(keep_three, out, 16), 13, monkeypatch)
     assert _names(ckpts) == ["step-0000004", "step-0000008", "step-0000012"]
     capsys.readouterr()
-    _crash([*_args(keep_three, out, 16), "--resume", str(ckpts / "step-0000004")], 10, monkeypatch)
+    _crash([*run_into(keep_three, out, 16), "--resume", str(ckpts / "step-0000004")], 10, monkeypatch)
     log = capsys.readouterr().out
     assert "rolling back to step-0000004" in log, log[-3000:]
     assert "set aside as abandoned-step-0000008, abandoned-step-0000012" in log
@@ -64,7 +60,7 @@ def test_a_rollback_stays_rolled_back(keep_three, uninterrupted_16, tmp_path, mo
     assert _names(ckpts) == ["step-0000004", "step-0000008"]
     assert _names(ckpts, "abandoned-*") == ["abandoned-step-0000008", "abandoned-step-0000012"]
     assert (ckpts / "latest").read_text() == "step-0000008"
-    assert main(_args(keep_three, out, 16)) == 0
+    assert main(run_into(keep_three, out, 16)) == 0
     log = capsys.readouterr().out
     assert "step-0000008 at step 8" in log, log[-3000:]
     assert (ckpts / "abandoned-step-0000012" / "trainer_state.json").is_file()
@@ -73,17 +69,17 @@ def test_a_rollback_stays_rolled_back(keep_three, uninterrupted_16, tmp_path, mo
 
 def test_a_resume_path_that_would_be_ignored_is_refused(small_run, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other"
-    _crash(_args(small_run, other, 8), 5, monkeypatch)
+    _crash(run_into(small_run, other, 8), 5, monkeypatch)
     theirs = other / "asr" / "checkpoints" / "step-0000004"
     # another run's checkpoint: exit 2, nothing trained, and the way to start from its weights
     out = tmp_path / "run"
-    assert main([*_args(small_run, out, 8), "--resume", str(theirs)]) == 2
+    assert main([*run_into(small_run, out, 8), "--resume", str(theirs)]) == 2
     log = capsys.readouterr().out
     assert f"--resume {theirs}: it is not a step checkpoint in --output-dir {out}" in log, log[-3000:]
     assert "--init-from <run>/<stage>/final" in log
     assert not (out / "asr").exists()
     # a checkpoint of a stage this command does not run
-    second = with_arg(_args(small_run, other, 8), "--stage", "second")
+    second = with_arg(run_into(small_run, other, 8), "--stage", "second")
     assert main([*second, "--resume", str(theirs)]) == 2
     assert "it is a checkpoint of stage 'asr', which this command does not run" in capsys.readouterr().out
 
@@ -92,13 +88,13 @@ def test_a_checkpoint_damaged_twice_is_set_aside_twice(small_run, tmp_path, monk
     out = tmp_path / "run"
     ckpts = out / "asr" / "checkpoints"
     for _ in range(2):  # each time: step-8 saved, then found damaged by the next run, which redoes it
-        _crash(_args(small_run, out, 12), 10, monkeypatch)
+        _crash(run_into(small_run, out, 12), 10, monkeypatch)
         (ckpts / "step-0000008" / "model.safetensors").write_bytes(b"x" * 10)
-    assert main(_args(small_run, out, 12)) == 0
+    assert main(run_into(small_run, out, 12)) == 0
     assert _names(ckpts, "damaged-*") == ["damaged-step-0000008", "damaged-step-0000008.2"]
     assert "set aside as" in capsys.readouterr().out
     straight = tmp_path / "straight"
-    assert main(_args(small_run, straight, 12)) == 0
+    assert main(run_into(small_run, straight, 12)) == 0
     assert asr_losses(out) == pytest.approx(asr_losses(straight), abs=1e-6)
 
 
@@ -131,7 +127,7 @@ def test_a_finished_stage_is_reused_only_for_the_same_recipe_data_and_start(
     data = tmp_path / "data"
     shutil.copytree(Path(small_run[small_run.index("--dataset") + 1]), data)
     out = tmp_path / "run"
-    args = with_arg(_args(small_run, out, 4), "--dataset", str(data))
+    args = with_arg(run_into(small_run, out, 4), "--dataset", str(data))
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 0  # the same command: the finished stage is reused

@@ -80,7 +80,7 @@ def leave_together(acc: Accelerator, code: int) -> int:
         return code
     # whoever is still here when the first rank is gone gets the launcher's SIGTERM: same code
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
-    acc.wait_for_everyone()  # every path here is taken by all ranks (the code is agreed, see run.py)
+    acc.wait_for_everyone()  # the ends train_stages maps to a code (gate, signal, bad input) reach every rank alike
     acc.end_training()  # trackers closed, process group destroyed
     sys.stdout.flush()
     sys.stderr.flush()
